@@ -1,0 +1,63 @@
+"""Conv4 backbones: the ProtoNet / MAML miniImageNet net and the MAML Omniglot net."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 -> BatchNorm -> ReLU -> (max-pool 2 | nothing, with a stride-2 conv).
+
+    In training mode, or when the norm keeps no running statistics (MAML), batch norm
+    uses the batch statistics.  Where the fused kernels are enabled and batch statistics
+    are used, BN + ReLU + max-pool run as one op with exact first and second derivatives.
+    """
+
+    def __init__(self, c_in: int, c_out: int, pool: bool, fused: bool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=1 if pool else 2, padding=1)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        bn = self.bn
+        batch_stats = bn.training or not bn.track_running_stats
+        if self.fused and batch_stats:
+            from fewshot_runner.ops import bn_relu_pool
+
+            return bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool)
+        x = F.relu(bn(x))
+        return F.max_pool2d(x, 2) if self.pool else x
+
+
+def _fused_available(mode: str) -> bool:
+    if mode == "off":
+        return False
+    try:
+        from fewshot_runner.ops import bn_relu_pool  # noqa: F401
+    except ImportError:
+        if mode == "on":
+            raise
+        return False
+    return True
+
+
+class Conv4(nn.Module):
+    """Four ConvBlocks of ``hidden`` channels, flattened.
+
+    x_shape: (C, H, W) of the inputs; the output is (N, feature_dim), with
+    feature_dim = hidden * h * w of the last map (64 for Omniglot 28x28, 1600 for 84x84).
+    """
+
+    def __init__(self, x_shape: tuple[int, ...], hidden: int = 64, pool: bool = True, fused_ops: str = "off") -> None:
+        super().__init__()
+        fused = _fused_available(fused_ops)
+        chans = [x_shape[0], hidden, hidden, hidden, hidden]
+        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1], pool, fused) for i in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).flatten(1)

@@ -1,0 +1,177 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+YAML files in ``conf/`` extend these schemas (``defaults: [/schema/<group>/<name>]``), so a
+misspelt key or a wrong type in an override fails at composition with the key's name.
+Importing this module must stay cheap: no torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Episode shape plus the data set's own keys. ``n_way/n_shot/n_query`` shape the
+    validation and test episodes and, unless ``train_*`` says otherwise, training ones."""
+
+    _target_: str = MISSING
+    n_way: int = 5
+    n_shot: int = 1
+    n_query: int = 15
+    train_n_way: Optional[int] = None  # e.g. 60 for ProtoNet's higher-way training
+    train_n_shot: Optional[int] = None
+    train_n_query: Optional[int] = None
+
+
+@dataclass
+class OmniglotConfig(DataConfig):
+    _target_: str = "fewshot_runner.data.omniglot.Omniglot"
+    root: Optional[str] = None  # None: $FEWSHOT_DATA/omniglot, else ~/.cache/fewshot/omniglot
+    download: bool = False
+    image_size: int = 28
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    _target_: str = "fewshot_runner.data.synthetic.Synthetic"
+    n_classes_train: int = 64
+    n_classes_val: int = 16
+    n_classes_test: int = 20
+    per_class: int = 20
+    image_size: int = 28
+    channels: int = 1
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- backbones
+@dataclass
+class Conv4Config:
+    _target_: str = "fewshot_runner.backbones.conv.Conv4"
+    hidden: int = 64
+    pool: bool = True  # max-pool (ProtoNet / MAML miniImageNet) or stride-2 convs (MAML Omniglot)
+    fused_ops: str = "${device.fused_ops}"  # off | on | auto
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "fewshot_runner.backbones.mlp.MLP"
+    hidden: list[int] = field(default_factory=lambda: [256, 128, 64, 64])
+    batch_norm: bool = True
+
+
+# ----------------------------------------------------------------------------- algorithms
+@dataclass
+class MAMLConfig:
+    _target_: str = "fewshot_runner.algorithms.maml.MAML"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int = 3
+    first_order: bool = False
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "fewshot_runner.algorithms.protonet.PrototypicalNetworks"
+
+
+# ----------------------------------------------------------------------------- run level
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast; opt-in, not exact)
+    fused_ops: str = "auto"  # fused BN+ReLU+max-pool kernels: off | on | auto
+    channels_last: bool = False
+    compile: bool = False
+    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    tune_allocator: bool = True  # the launcher re-execs with glibc malloc thresholds set
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "auto"  # auto (comet online if COMET_API_KEY is set, else offline) | comet | comet_offline | none
+    project_name: Optional[str] = "fewshot-runner"
+    workspace: Optional[str] = None
+    experiment_name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 10000
+    meta_batch_size: int = 32  # tasks per outer step
+    outer_lr: float = 1e-3  # Adam
+    lr_decay_every: Optional[int] = None  # StepLR: multiply the outer lr by lr_decay every N steps
+    lr_decay: float = 0.5
+    grad_clip: Optional[float] = None
+    task_chunk: Optional[int] = None  # tasks per forward/backward (bounds memory); None: all
+    val_every: int = 500
+    val_episodes: int = 200
+    ckpt_every: int = 500
+    log_every: int = 10
+    on_nan: str = "stop"  # stop | skip
+    progress: bool = True  # rich progress bar
+
+
+@dataclass
+class EvalConfig:
+    n_episodes: int = 600
+    split: str = "test"
+    seed: int = 2024  # fixes the validation/test episodes
+    chunk: int = 50  # episodes per batch
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    resume: Optional[str] = None  # PATH or "auto"
+    data: Any = MISSING
+    backbone: Any = MISSING
+    algo: Any = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class EvalDataOverrides:
+    """Episode shape and data location for ``fewshot eval``; None keeps the checkpoint's."""
+
+    n_way: Optional[int] = None
+    n_shot: Optional[int] = None
+    n_query: Optional[int] = None
+    root: Optional[str] = None
+
+
+@dataclass
+class EvalRunConfig:
+    checkpoint: str = MISSING
+    seed: int = 0
+    data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalRunConfig)
+    for group, name, node in [
+        ("data", "omniglot", OmniglotConfig),
+        ("data", "synthetic", SyntheticConfig),
+        ("backbone", "conv4", Conv4Config),
+        ("backbone", "mlp", MLPConfig),
+        ("algo", "maml", MAMLConfig),
+        ("algo", "protonet", ProtoNetConfig),
+    ]:
+        cs.store(group=f"schema/{group}", name=name, node=node, package=group)
+
+
+register_configs()

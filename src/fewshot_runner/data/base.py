@@ -1,0 +1,80 @@
+"""In-memory class-indexed splits: what every episodic data set provides to the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fewshot_runner.errors import DataError
+
+
+@dataclass
+class ClassSplit:
+    """One split (train/val/test) of a classification data set, held in memory.
+
+    images: uint8 (or float) tensor (n_items, C, H, W)
+    labels: long tensor (n_items,), class ids 0..n_classes-1
+    class_names: one name per class id (for messages and predictions)
+
+    ``index`` is a padded (n_classes, max_per_class) table of item indices (-1 pads) and
+    ``counts`` the number of items per class, built once so sampling is pure indexing.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        n_classes = len(self.class_names)
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise DataError(f"split {self.name!r}: {self.images.shape[0]} images but {self.labels.shape[0]} labels")
+        counts = torch.bincount(self.labels, minlength=n_classes)
+        order = torch.argsort(self.labels, stable=True)
+        max_per = int(counts.max()) if n_classes else 0
+        index = torch.full((n_classes, max_per), -1, dtype=torch.long)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(order.numel()) - starts[self.labels[order]]
+        index[self.labels[order], pos] = order
+        self.counts = counts
+        self.index = index
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def min_per_class(self) -> int:
+        return int(self.counts.min()) if self.n_classes else 0
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @classmethod
+    def from_class_major(cls, name: str, images: torch.Tensor, class_names: list[str]) -> "ClassSplit":
+        """Build from a (n_classes, per_class, C, H, W) tensor."""
+        n_classes, per = images.shape[:2]
+        labels = torch.arange(n_classes).repeat_interleave(per)
+        return cls(name, images.reshape(n_classes * per, *images.shape[2:]), labels, class_names)
+
+
+@dataclass
+class EpisodicDataset:
+    """What a data config instantiates to: named splits plus their input shape.
+
+    ``splits`` maps "train", "val", "test" to ClassSplit.
+    """
+
+    name: str
+    splits: dict[str, ClassSplit]
+
+    def split(self, name: str) -> ClassSplit:
+        if name not in self.splits:
+            raise DataError(f"data set {self.name!r} has no split {name!r}; choose one of {sorted(self.splits)}")
+        return self.splits[name]
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return next(iter(self.splits.values())).x_shape

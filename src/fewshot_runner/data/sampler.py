@@ -1,0 +1,83 @@
+"""Episodic sampling by tensor indexing from an in-memory ClassSplit."""
+
+from __future__ import annotations
+
+import torch
+
+from fewshot_runner.data.base import ClassSplit
+from fewshot_runner.episode import Episode
+from fewshot_runner.errors import DataError
+
+
+def check_episode_shape(split: ClassSplit, n_way: int, n_shot: int, n_query: int) -> None:
+    """Raise a one-line DataError when ``split`` cannot serve the requested episodes."""
+    if n_way < 1 or n_shot < 1 or n_query < 1:
+        raise DataError(f"n_way, n_shot and n_query must be >= 1 (got {n_way}, {n_shot}, {n_query})")
+    if n_way > split.n_classes:
+        raise DataError(
+            f"data.n_way={n_way} is larger than the {split.n_classes} classes of the {split.name!r} split; "
+            f"use data.n_way<={split.n_classes}"
+        )
+    if n_shot + n_query > split.min_per_class:
+        raise DataError(
+            f"n_shot + n_query = {n_shot + n_query} is more than the {split.min_per_class} images per class "
+            f"of the {split.name!r} split; lower data.n_shot or data.n_query"
+        )
+
+
+class EpisodeSampler:
+    """Draws batches of n_way-way n_shot-shot episodes with n_query queries per class.
+
+    Classes are drawn without replacement per task, and support and query images are
+    disjoint draws within each class.  The order of the drawn classes is random, so
+    labels 0..n_way-1 are a fresh permutation per task.  All randomness comes from the
+    sampler's own ``torch.Generator`` so its state can be checkpointed and restored.
+    """
+
+    def __init__(self, split: ClassSplit, n_way: int, n_shot: int, n_query: int, seed: int) -> None:
+        check_episode_shape(split, n_way, n_shot, n_query)
+        self.split = split
+        self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
+        self.generator = torch.Generator().manual_seed(seed)
+        # uniform-count splits (Omniglot, miniImageNet) skip the padding mask
+        self._uniform = bool((split.counts == split.counts[0]).all())
+
+    def sample(self, n_tasks: int) -> Episode:
+        s, g = self.split, self.generator
+        n_way, k = self.n_way, self.n_shot + self.n_query
+        # classes: the first n_way of a random permutation per task
+        classes = torch.rand(n_tasks, s.n_classes, generator=g).argsort(dim=1)[:, :n_way]
+        width = s.index.shape[1]
+        keys = torch.rand(n_tasks, n_way, width, generator=g)
+        if not self._uniform:  # push padding slots to the end
+            keys = keys.masked_fill(s.index[classes] < 0, 2.0)
+        slots = keys.argsort(dim=2)[:, :, :k]  # (T, n_way, k), distinct per class
+        items = torch.gather(s.index[classes], 2, slots)
+        x = s.images[items]  # (T, n_way, k, *x_shape)
+        labels = torch.arange(n_way).view(1, n_way, 1)
+        xs = x[:, :, : self.n_shot].reshape(n_tasks, n_way * self.n_shot, *s.x_shape)
+        xq = x[:, :, self.n_shot :].reshape(n_tasks, n_way * self.n_query, *s.x_shape)
+        ys = labels.expand(n_tasks, n_way, self.n_shot).reshape(n_tasks, -1)
+        yq = labels.expand(n_tasks, n_way, self.n_query).reshape(n_tasks, -1)
+        return Episode(xs, ys.clone(), xq, yq.clone(), n_way)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def fixed_episodes(split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int,
+                   seed: int, chunk: int = 50):
+    """Yield ``n_episodes`` evaluation episodes in batches of at most ``chunk``.
+
+    Fixed by ``seed`` (and ``chunk``): every run evaluated with the same settings sees the
+    same episodes.
+    """
+    sampler = EpisodeSampler(split, n_way, n_shot, n_query, seed)
+    done = 0
+    while done < n_episodes:
+        n = min(chunk, n_episodes - done)
+        yield sampler.sample(n)
+        done += n

@@ -1,0 +1,1 @@
+"""The one loop: training, evaluation, checkpoints, device resolution, sweep summaries."""

@@ -1,0 +1,41 @@
+"""Device and precision, resolved once per run."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from fewshot_runner.errors import UserError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(cfg) -> Runtime:
+    """cfg: the ``device`` config node."""
+    kind = cfg.type
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible to torch; use device=cpu or device=auto")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"device.type={cfg.type!r} is not one of auto, cpu, cuda")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise UserError(f"device.precision={cfg.precision!r} is not one of fp32, bf16")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, bool(cfg.channels_last))

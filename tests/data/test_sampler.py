@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from fewshot_runner.data.base import ClassSplit
+from fewshot_runner.data.sampler import EpisodeSampler, fixed_episodes
+from fewshot_runner.errors import DataError
+
+
+def make_split(n_classes=12, per_class=10, name="train", offset=0):
+    # each image holds its global id in every pixel: the id tells which class and item it is
+    ids = torch.arange(n_classes * per_class) + offset
+    images = ids.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+    return ClassSplit(name, images, torch.arange(n_classes).repeat_interleave(per_class),
+                      [f"{name}{c}" for c in range(n_classes)])
+
+
+def test_episode_classes_disjoint_support_query_and_labels():
+    split = make_split()
+    ep = EpisodeSampler(split, n_way=4, n_shot=3, n_query=5, seed=0).sample(8)
+    assert ep.support_x.shape == (8, 12, 1, 2, 2) and ep.query_x.shape == (8, 20, 1, 2, 2)
+    for t in range(8):
+        s_ids = ep.support_x[t, :, 0, 0, 0]
+        q_ids = ep.query_x[t, :, 0, 0, 0]
+        assert set(s_ids.tolist()).isdisjoint(q_ids.tolist())
+        assert len(set(s_ids.tolist()) | set(q_ids.tolist())) == 32  # no repeats
+        assert sorted(set(ep.support_y[t].tolist())) == [0, 1, 2, 3]
+        # every image sits under the label of its own class, one class per label
+        for ids, ys in ((s_ids, ep.support_y[t]), (q_ids, ep.query_y[t])):
+            for lab in range(4):
+                classes = {int(i) // 10 for i in ids[ys == lab]}
+                assert len(classes) == 1
+        s_cls = {int(i) // 10 for i in s_ids}
+        assert s_cls == {int(i) // 10 for i in q_ids} and len(s_cls) == 4
+
+
+def test_labels_are_permuted_per_task():
+    ep = EpisodeSampler(make_split(), 4, 1, 1, seed=0).sample(32)
+    class_of_label0 = {int(ep.support_x[t, 0, 0, 0, 0]) // 10 for t in range(32)}
+    assert len(class_of_label0) > 3
+
+
+def test_same_seed_same_episodes_and_state_roundtrip():
+    split = make_split()
+    a = EpisodeSampler(split, 5, 1, 2, seed=7)
+    b = EpisodeSampler(split, 5, 1, 2, seed=7)
+    assert torch.equal(a.sample(4).query_x, b.sample(4).query_x)
+    state = a.state_dict()
+    x1 = a.sample(3).support_x
+    a.load_state_dict(state)
+    assert torch.equal(a.sample(3).support_x, x1)
+    c = EpisodeSampler(split, 5, 1, 2, seed=8)
+    assert not torch.equal(c.sample(4).query_x, EpisodeSampler(split, 5, 1, 2, seed=7).sample(4).query_x)
+
+
+def test_fixed_episodes_are_reproducible():
+    split = make_split()
+    e1 = torch.cat([e.query_x for e in fixed_episodes(split, 5, 1, 2, 25, seed=3, chunk=10)])
+    e2 = torch.cat([e.query_x for e in fixed_episodes(split, 5, 1, 2, 25, seed=3, chunk=10)])
+    assert e1.shape[0] == 25 and torch.equal(e1, e2)
+
+
+def test_classes_come_from_the_split_only():
+    val = make_split(6, 10, "val", offset=1000)
+    ep = EpisodeSampler(val, 5, 2, 3, seed=0).sample(10)
+    assert int(ep.support_x.min()) >= 1000 and int(ep.query_x.min()) >= 1000
+
+
+def test_uneven_class_sizes_never_sample_padding():
+    images = torch.arange(3 + 7 + 5).view(-1, 1, 1, 1).float()
+    labels = torch.tensor([0] * 3 + [1] * 7 + [2] * 5)
+    split = ClassSplit("train", images, labels, ["a", "b", "c"])
+    ep = EpisodeSampler(split, 3, 1, 2, seed=0).sample(50)
+    for t in range(50):
+        ids = torch.cat([ep.support_x[t].flatten(), ep.query_x[t].flatten()]).long()
+        assert len(set(ids.tolist())) == 9 and all(labels[i] in (0, 1, 2) for i in ids)
+
+
+def test_too_many_ways_or_shots_is_a_clear_error():
+    split = make_split(12, 10)
+    with pytest.raises(DataError, match="n_way=20 is larger than the 12 classes"):
+        EpisodeSampler(split, 20, 1, 1, seed=0)
+    with pytest.raises(DataError, match="more than the 10 images per class"):
+        EpisodeSampler(split, 5, 5, 6, seed=0)
