@@ -121,9 +121,23 @@ def preflight(command: str, args: list[str]) -> None:
                 from omegaconf import OmegaConf
 
                 OmegaConf.resolve(cfg)  # interpolation errors surface here
+                missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+                if missing:
+                    fail(f"missing value for {missing[0]}; pass {missing[0]}=..."
+                         + (" (the .pt file of a trained run)" if missing[0] == "checkpoint" else ""))
                 check_values(command, cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        fail(one_line(str(e)))
+        fail(one_line(exception_text(e)))
+
+
+def exception_text(e: BaseException) -> str:
+    """The messages of an exception and of its causes, outermost first."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
 
 def check_values(command: str, cfg) -> None:

@@ -102,6 +102,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({str(e).splitlines()[0][:80]}); "
+                                  f"use another checkpoint, e.g. checkpoints/best.pt or last.pt of the run") from e
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data and was "
                               f"refused for safety (weights_only loading); use a checkpoint written by fewshot") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:

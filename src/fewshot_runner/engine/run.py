@@ -42,12 +42,26 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- building
+def instantiate_node(node, **kwargs):
+    """``hydra.utils.instantiate``, re-raising a UserError from the target as itself (Hydra
+    wraps exceptions from targets in InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:
+        cause = e
+        while cause is not None:
+            if isinstance(cause, UserError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 def build_dataset(data_cfg) -> EpisodicDataset:
     """Instantiate the data set from its config, without the episode-shape keys."""
     node = OmegaConf.to_container(data_cfg, resolve=True)
     for k in EPISODE_KEYS:
         node.pop(k, None)
-    return instantiate(node)
+    return instantiate_node(node)
 
 
 @dataclass
@@ -66,13 +80,13 @@ def episode_shapes(data_cfg) -> tuple[Shape, Shape]:
 
 
 def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime):
-    backbone = instantiate(cfg.backbone, x_shape=tuple(x_shape))
+    backbone = instantiate_node(cfg.backbone, x_shape=tuple(x_shape))
     with torch.no_grad():
         was = backbone.training
         backbone.train()
         feature_dim = int(backbone(torch.zeros(2, *x_shape)).shape[-1])
         backbone.train(was)
-    algo = instantiate(cfg.algo, backbone=backbone, n_way=n_way, feature_dim=feature_dim)
+    algo = instantiate_node(cfg.algo, backbone=backbone, n_way=n_way, feature_dim=feature_dim)
     algo = algo.to(runtime.device)
     if runtime.channels_last:
         algo = algo.to(memory_format=torch.channels_last)

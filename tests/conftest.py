@@ -1,0 +1,61 @@
+"""Shared fixtures: config composition, the real Omniglot folder, CLI subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import fewshot_runner.config  # noqa: F401  (registers the schemas)
+from fewshot_runner.cli import conf_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def real_data_root() -> Path | None:
+    """The folder holding omniglot/ (CI and dev machines: ../shared/data), or $FEWSHOT_DATA."""
+    for cand in (os.environ.get("FEWSHOT_DATA"), SHARED_DATA):
+        if cand and (Path(cand) / "omniglot").exists():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture
+def compose_cfg():
+    def _compose(overrides=(), name="train"):
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture
+def omniglot_root() -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("no Omniglot copy: put it in ../shared/data/omniglot or set FEWSHOT_DATA")
+    return root
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300,
+            input_signal=None) -> subprocess.CompletedProcess:
+    """Run the real `fewshot` CLI in a subprocess (python -m fewshot_runner.cli)."""
+    env = dict(os.environ)
+    env.setdefault("FEWSHOT_DATA", str(real_data_root() or cwd / "no-data"))
+    env.pop("COMET_API_KEY", None)  # never log tests with the developer's Comet key
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "fewshot_runner.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def _run(*args, **kw):
+        return run_cli(list(args), kw.pop("cwd", tmp_path), **kw)
+
+    return _run
