@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,7 +14,7 @@ def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not enabled or not sys.stdout.isatty() and not enabled,
+        console=console, disable=not enabled,
         transient=False,
     )
 

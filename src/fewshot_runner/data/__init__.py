@@ -1,0 +1,1 @@
+"""Episodic data sets (Omniglot, synthetic, ...) held in memory as ClassSplits, and the episode sampler."""
