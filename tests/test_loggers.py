@@ -50,6 +50,14 @@ def _fast_comet(monkeypatch):
     """Comet's system-metrics thread costs ~1 s to join at end(); not what these tests check."""
     monkeypatch.setitem(L._COMET_KWARGS, "log_env_cpu", False)
     monkeypatch.setitem(L._COMET_KWARGS, "log_env_gpu", False)
+    # comet_ml's console handler keeps the sys.stderr of the test that first imported it (a
+    # pytest capture that is closed by now); point it at this test's stream
+    import logging
+    import sys
+
+    for h in logging.getLogger("comet_ml").handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+            monkeypatch.setattr(h, "stream", sys.stderr)
 
 
 @pytest.fixture

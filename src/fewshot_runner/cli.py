@@ -59,7 +59,21 @@ def one_line(text: str) -> str:
         return f"unknown config key '{m.group(3)}'; check the spelling (`fewshot train --help` lists every key)"
     m = re.search(r"Value '(.*?)' (?:of type '\w+' )?could not be converted to (\w+).*?full_key: ([\w.]+)", text, re.S)
     if m:
-        return f"{m.group(3)}={m.group(1)} is not a valid {m.group(2).lower()}; give a {m.group(2).lower()} value"
+        kind = m.group(2).lower()
+        return f"{m.group(3)}={m.group(1)} is not a valid {kind}; give {_a(kind)} {kind} value"
+    m = re.search(r"Error merging override ([\w.]+)=(\S*).*?is not a valid (\w+)", text, re.S)
+    if m:
+        kind = m.group(3).lower()
+        return (f"{m.group(1)}={m.group(2)} is not a valid {kind}; give "
+                + ("true or false" if kind == "bool" else f"{_a(kind)} {kind} value"))
+    m = re.search(r"Error merging override ([\w.]+)=null.*?is not Optional", text, re.S)
+    if m:
+        return f"{m.group(1)} cannot be null; give it a value"
+    m = re.search(r"Error parsing override '([^']*)'", text)
+    if m or "override_grammar" in text:
+        near = re.search(r"at input '([^']*)'", text)
+        what = f"the override '{m.group(1)}'" if m else "the overrides" + (f" near '{near.group(1)}'" if near else "")
+        return f"cannot parse {what}; write key=value (https://hydra.cc/docs/advanced/override_grammar/basic/)"
     m = re.search(r"Missing mandatory value: ([\w.]+)", text)
     if m:
         return f"missing value for {m.group(1)}; pass {m.group(1)}=..."
@@ -67,6 +81,10 @@ def one_line(text: str) -> str:
         ("full_key", "object_type", "reference_type", "Set the environment", "Config search path", "provider=",
          "msg:"))]
     return " ".join(lines)[:400] or text.strip()[:400]
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 # ----------------------------------------------------------------------------- allocator
@@ -109,6 +127,7 @@ def preflight(command: str, args: list[str]) -> None:
 
     overrides = [a for a in args if not a.startswith("-")]
     multirun = "-m" in args or "--multirun" in args
+    jobs = []  # (config, its output folder or None)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         if multirun and any(o.is_sweep_override() for o in parsed):
@@ -116,18 +135,82 @@ def preflight(command: str, args: list[str]) -> None:
         else:
             combos = [overrides]
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name=f"fewshot_{command}"):
-            for combo in combos[:64]:
+            for i, combo in enumerate(combos[:64]):
                 cfg = compose(config_name=command, overrides=list(combo), return_hydra_config=True)
                 from omegaconf import OmegaConf
 
+                default_subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") \
+                    == "${hydra.job.num}"
                 OmegaConf.resolve(cfg)  # interpolation errors surface here
                 missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
                 if missing:
                     fail(f"missing value for {missing[0]}; pass {missing[0]}=..."
                          + (" (the .pt file of a trained run)" if missing[0] == "checkpoint" else ""))
                 check_values(command, cfg)
+                if not multirun:
+                    jobs.append((cfg, Path(cfg.hydra.run.dir)))
+                else:
+                    jobs.append((cfg, Path(cfg.hydra.sweep.dir) / str(i) if default_subdir else None))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         fail(one_line(exception_text(e)))
+    if jobs:
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        check_writable(Path(jobs[0][0].hydra.sweep.dir if multirun else jobs[0][1]), key)
+        check_start(command, jobs)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """The output folder can be created and written to, before Hydra tries (it would print
+    a traceback).  Folders made for the test are removed again."""
+    p, missing = folder.absolute(), []
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        fail(f"cannot create {key}={folder}: {p} is a file, not a folder; choose another {key}=...")
+    created = []
+    try:
+        for m in reversed(missing):
+            m.mkdir()
+            created.append(m)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fewshot_write_test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        fail(f"cannot write to {key}={folder} ({e.strerror or e}); choose a writable folder with {key}=...")
+    finally:
+        for m in reversed(created):
+            try:
+                m.rmdir()
+            except OSError:
+                pass
+
+
+def check_start(command: str, jobs: list) -> None:
+    """Checks that need torch, run only where they matter (a CUDA device, a checkpoint to read,
+    an output folder that exists): before Hydra starts, so a refused run changes no file."""
+    todo = [(cfg, d) for cfg, d in jobs
+            if cfg.device.type == "cuda" or command == "eval" or cfg.get("resume") or (d is not None and d.exists())]
+    if not todo:
+        return
+    from fewshot_runner.errors import UserError
+
+    try:
+        from fewshot_runner.engine.checkpoint import check_targets, load_checkpoint
+        from fewshot_runner.engine.device import resolve_runtime
+        from fewshot_runner.engine.run import check_start as check_train_start
+
+        for cfg, run_dir in todo:
+            if command == "train" and run_dir is not None:
+                check_train_start(cfg, run_dir)  # device, run dir, checkpoint to resume from
+            else:
+                resolve_runtime(cfg.device)
+                if command == "eval":
+                    check_targets(load_checkpoint(cfg.checkpoint), cfg.checkpoint)
+    except UserError as e:
+        fail(str(e), getattr(e, "exit_code", 2))
 
 
 def exception_text(e: BaseException) -> str:
@@ -181,6 +264,13 @@ def _task(command: str):
             fail(str(e), getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except OSError as e:  # the disk or the file system, not the input: still one line
+            import errno
+
+            where = f" ({e.filename})" if e.filename else ""
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                fail(f"no space left on the device{where}; free some disk space and resume with resume=auto")
+            fail(f"{e.strerror or e}{where}; check the disk and the folder's permissions, then resume with resume=auto")
 
     return task
 
@@ -199,15 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (see `fewshot --help`)")
     _maybe_reexec_with_allocator(args)
-    preflight(command, args)
+    try:
+        preflight(command, args)
 
-    import hydra
+        import hydra
 
-    import fewshot_runner.config  # noqa: F401
+        import fewshot_runner.config  # noqa: F401
 
-    sys.argv = [f"fewshot {command}", *args]
-    entry = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=command)(_task(command))
-    entry()
+        sys.argv = [f"fewshot {command}", *args]
+        entry = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=command)(_task(command))
+        entry()
+    except KeyboardInterrupt:  # Ctrl-C before a run installed its own handler, or between sweep jobs
+        fail("interrupted", 130)
 
 
 if __name__ == "__main__":

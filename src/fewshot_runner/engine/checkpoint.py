@@ -3,18 +3,25 @@
 Format (a dict): format, package_version, config (resolved, plain containers), step,
 model, optimizer, scheduler, sampler, rng {python, numpy, torch}, best_val_acc, best_step,
 log_window, wall_time.
+
+Writing: the bytes go to a temporary file beside the target, are flushed and fsynced, then
+renamed over it (and the folder is fsynced), so a kill or a full disk during a save leaves
+the previous file intact.  Reading: ``torch.load(weights_only=True)`` only (it cannot be
+turned off by ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``, since it is passed explicitly); a file
+holding any other pickled object is refused, and the config inside must be plain data.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,32 +30,69 @@ from fewshot_runner.errors import CheckpointError, UserError
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "config", "model", "step")
+TMP_SUFFIX = ".tmp"
+_PLAIN = (str, int, float, bool, type(None))
+# `fewshot eval` instantiates the saved config's `_target_`s: only these (see check_targets)
+TARGET_PREFIXES = {"data": "fewshot_runner.data.", "backbone": "fewshot_runner.backbones.",
+                   "algo": "fewshot_runner.algorithms."}
 
 
-def atomic_write(path: Path, write_fn) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write_fn: Callable[[Any], Any],
+                 before_commit: Callable[[Any], None] | None = None) -> None:
     """Call ``write_fn(fileobj)`` on a temporary file beside ``path``, fsync, then rename.
 
-    A kill or a full disk during the write leaves any previous ``path`` untouched.
+    A kill or a full disk during the write leaves any previous ``path`` untouched; an
+    ``OSError`` becomes a one-line :class:`UserError`.  ``before_commit(fileobj)`` runs after
+    the data is written and flushed, before the fsync and the rename (a testing hook: see
+    ``FEWSHOT_FAULT`` in :mod:`fewshot_runner.engine.run`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
+            if before_commit is not None:
+                before_commit(f)
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
     except OSError as e:
-        _remove_quietly(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device while writing {path}; free some disk space "
-                            f"(the previous file there is intact)") from e
-        raise UserError(f"cannot write {path}: {e.strerror or e}; check the folder's permissions "
+            raise UserError(f"no space left on the device while writing {path}; free some disk space and "
+                            f"resume with resume=auto (the previous file there is intact)") from e
+        raise UserError(f"cannot write {path} ({e.strerror or e}); check the folder's permissions "
                         f"or move the run with hydra.run.dir=...") from e
     except BaseException:
-        _remove_quietly(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every file system lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove_quietly(p) -> None:
@@ -56,6 +100,16 @@ def _remove_quietly(p) -> None:
         os.unlink(p)
     except OSError:
         pass
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed save left in ``folder``; returns them."""
+    removed = []
+    if Path(folder).is_dir():
+        for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+            _remove_quietly(p)
+            removed.append(p)
+    return removed
 
 
 def rng_state() -> dict[str, Any]:
@@ -85,9 +139,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any],
+                    before_commit: Callable[[Any], None] | None = None) -> None:
+    """Serialize in memory first (so a full disk is a plain ``OSError`` from ``write``, not
+    an error inside torch's zip writer), then :func:`atomic_write` the bytes."""
     state = {"format": FORMAT, "package_version": __version__, **state}
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()
+    atomic_write(Path(path), lambda f: f.write(data), before_commit=before_commit)
+
+
+def _is_plain(obj: Any, depth: int = 0) -> bool:
+    """Nested dicts (string keys) / lists of str, int, float, bool, None."""
+    if depth > 32:
+        return False
+    if isinstance(obj, _PLAIN):
+        return True
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in obj)
+    return False
+
+
+def _targets(obj: Any, where: str = "") -> list[tuple[str, Any]]:
+    """Every ``_target_`` in a plain config: (dotted key of its node, value)."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "_target_":
+                found.append((where, v))
+            found.extend(_targets(v, f"{where}.{k}" if where else k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found.extend(_targets(v, f"{where}[{i}]"))
+    return found
+
+
+def check_targets(state: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint whose config would make ``fewshot eval`` instantiate foreign code.
+
+    Plain data can still name code: eval instantiates the saved config's ``_target_``s. Only
+    public names of fewshot_runner's data/backbones/algorithms, at data, backbone and algo, are
+    accepted (none nested deeper, which Hydra would instantiate recursively).  Resuming does
+    not instantiate the saved config, so :func:`load_checkpoint` alone does not check this.
+    """
+    for where, target in _targets(state["config"]):
+        prefix = TARGET_PREFIXES.get(where)
+        if (prefix is None or not isinstance(target, str) or not target.startswith(prefix)
+                or any(not part.isidentifier() or part.startswith("_") for part in target.split("."))):
+            bad = f"{where or '<top>'}._target_={target!r}"[:120]
+            raise CheckpointError(f"checkpoint {path} names a foreign class in its config ({bad}) and was refused "
+                                  f"for safety; use a checkpoint written by `fewshot train`")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -102,18 +206,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({str(e).splitlines()[0][:80]}); "
-                                  f"use another checkpoint, e.g. checkpoints/best.pt or last.pt of the run") from e
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data and was "
-                              f"refused for safety (weights_only loading); use a checkpoint written by fewshot") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if "global" in str(e).lower():  # weights_only met a reference to code (a class, a function)
+            raise CheckpointError(f"checkpoint {path} holds pickled objects other than tensors and plain data and "
+                                  f"was refused for safety (weights_only loading); use a checkpoint written by "
+                                  f"`fewshot train`") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file; use another checkpoint, "
+                              f"e.g. checkpoints/best.pt or last.pt of the run") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, TypeError,
+            AttributeError, IndexError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                              f"use another checkpoint, e.g. checkpoints/best.pt or last.pt of the run") from e
+                              f"use another checkpoint, e.g. checkpoints/best.pt or last.pt of the run") from None
     if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a fewshot checkpoint (missing keys); use a file written by "
                               f"`fewshot train`")
     if state["format"] != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {state['format']}, this fewshot reads format "
+        raise CheckpointError(f"checkpoint {path} has format {state['format']!r}, this fewshot reads format "
                               f"{FORMAT}; use fewshot {state.get('package_version', '?')} to read it")
+    if not isinstance(state["config"], dict) or not _is_plain(state["config"]) \
+            or not all(isinstance(state["config"].get(k), dict) for k in ("algo", "backbone", "data")):
+        raise CheckpointError(f"checkpoint {path} holds no plain-data run config; use a checkpoint written by "
+                              f"`fewshot train`")
+    if not isinstance(state["model"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise CheckpointError(f"checkpoint {path} holds no model weights (a dict of tensors); use a checkpoint "
+                              f"written by `fewshot train`")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"checkpoint {path} has an invalid step {state['step']!r}; use a checkpoint "
+                              f"written by `fewshot train`")
     return state

@@ -2,19 +2,38 @@
 
 The Hydra entry points in :mod:`fewshot_runner.cli` only wrap these, so tests call them with
 a config from ``compose(...)``.
+
+Runs survive faults:
+
+* Resume: ``resume=auto`` (``<run dir>/checkpoints/last.pt``) or ``resume=PATH`` restores the
+  model, optimizer, LR scheduler, sampler, the Python/NumPy/torch RNGs, the best validation
+  score, the logging window and the step, and cuts ``metrics.jsonl`` back to that step, so a
+  killed run, resumed, ends bitwise equal to an uninterrupted one (on the same device).
+* SIGINT/SIGTERM: the current step finishes, ``last.pt`` is written, the loggers are closed,
+  and the exit message says how to resume (exit code 130/143).  A second signal stops at once.
+* A non-finite loss stops the run (``train.on_nan=stop``, the default; the last checkpoint is
+  kept) or skips that update (``skip``: the model, its buffers and the optimizer stay as they
+  were).  A checkpoint is never written with non-finite weights.
+* Checkpoints and results are written atomically (:func:`checkpoint.atomic_write`).
+
+Testing hook: ``$FEWSHOT_FAULT`` injects faults at chosen points (see :class:`FaultPlan`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.utils import instantiate
@@ -28,7 +47,7 @@ from fewshot_runner.engine.console import console, progress_bar, results_table
 from fewshot_runner.engine.device import Runtime, resolve_runtime
 from fewshot_runner.engine.evaluate import evaluate
 from fewshot_runner.episode import Episode
-from fewshot_runner.errors import UserError
+from fewshot_runner.errors import CheckpointError, UserError
 
 EPISODE_KEYS = ("n_way", "n_shot", "n_query", "train_n_way", "train_n_shot", "train_n_query")
 
@@ -93,6 +112,17 @@ def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime):
     return algo
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (a resume restores all three)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -140,6 +170,13 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self.signum is not None
 
+    @property
+    def name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
     @contextmanager
     def installed(self):
         def handler(signum, frame):
@@ -160,7 +197,114 @@ class StopFlag:
                 signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------- fault injection
+FAULT_ENV = "FEWSHOT_FAULT"
+FAULT_ACTIONS = ("kill", "term", "int", "enospc", "nan")
+FAULT_PHASES = ("step", "val", "ckpt", "best")
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    phase: str
+    step: int
+
+
+class FaultPlan:
+    """A testing hook: deterministic faults at chosen points of training, from ``$FEWSHOT_FAULT``.
+
+    ``FEWSHOT_FAULT="ACTION@PHASE:STEP[,ACTION@PHASE:STEP...]"``, each fault fired at most once:
+
+    PHASE (in training step STEP, steps counted from 1):
+      ``step``  after the outer update, before anything is logged (``nan``: the step's inputs
+                become NaN before the update instead)
+      ``val``   after the validation episodes ran, before their metrics are logged
+      ``ckpt``  while ``checkpoints/last.pt`` is written: the temporary file holds half its bytes
+      ``best``  the same for ``checkpoints/best.pt``
+    ACTION:
+      ``kill``   SIGKILL this process         ``term``/``int``  send it SIGTERM/SIGINT (a graceful stop)
+      ``enospc`` raise OSError(ENOSPC), as a full disk does      ``nan`` NaN inputs (phase ``step`` only)
+
+    e.g. ``FEWSHOT_FAULT=kill@val:6`` or ``FEWSHOT_FAULT=kill@ckpt:4,term@step:2``.  Unset, it costs nothing.
+    """
+
+    def __init__(self, faults: list[Fault]) -> None:
+        self.faults = faults
+        self.fired: set[Fault] = set()
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "FaultPlan":
+        faults = []
+        for item in (spec or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                action, rest = item.split("@", 1)
+                phase, step = rest.split(":", 1)
+                fault = Fault(action.strip(), phase.strip(), int(step))
+            except ValueError:
+                fault = None
+            if fault is None or fault.action not in FAULT_ACTIONS or fault.phase not in FAULT_PHASES \
+                    or (fault.action == "nan" and fault.phase != "step"):
+                raise UserError(f"{FAULT_ENV}={spec!r} is not a fault list; use ACTION@PHASE:STEP with ACTION one of "
+                                f"{', '.join(FAULT_ACTIONS)} and PHASE one of {', '.join(FAULT_PHASES)}, or unset it")
+            faults.append(fault)
+        return cls(faults)
+
+    @classmethod
+    def from_env(cls) -> "FaultPlan":
+        return cls.parse(os.environ.get(FAULT_ENV))
+
+    def _due(self, phase: str, step: int, nan: bool = False) -> list[Fault]:
+        due = [f for f in self.faults if f.phase == phase and f.step == step and (f.action == "nan") == nan
+               and f not in self.fired]
+        self.fired.update(due)
+        return due
+
+    def poison(self, step: int) -> bool:
+        """True when the inputs of training step ``step`` must be made NaN."""
+        return bool(self.faults) and bool(self._due("step", step, nan=True))
+
+    def at(self, phase: str, step: int) -> None:
+        if self.faults:
+            for f in self._due(phase, step):
+                self._fire(f.action)
+
+    def on_write(self, phase: str, step: int) -> Callable[[Any], None] | None:
+        """A ``before_commit`` hook for :func:`checkpoint.atomic_write`, or None."""
+        due = self._due(phase, step) if self.faults else []
+        if not due:
+            return None
+
+        def hook(f) -> None:
+            size = f.tell()
+            f.truncate(size // 2)  # a torn temporary file, as a kill in mid-write leaves
+            f.flush()
+            os.fsync(f.fileno())
+            for fault in due:
+                self._fire(fault.action)
+
+        return hook
+
+    @staticmethod
+    def _fire(action: str) -> None:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)  # not reached: SIGKILL is delivered before the call returns
+        elif action in ("term", "int"):
+            os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGINT)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _poisoned(episodes: Episode) -> Episode:
+    nan = float("nan")
+    return Episode(episodes.support_x * nan, episodes.support_y, episodes.query_x * nan, episodes.query_y,
+                   episodes.n_way)
+
+
+# ----------------------------------------------------------------------------- run dir, resume
 def _run_dir(run_dir: str | Path | None) -> Path:
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -180,27 +324,176 @@ def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume).expanduser()
 
 
+def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path | None]:
+    """What can be checked before a run writes anything: the device, that the run dir holds
+    no other run (unless resuming), and the checkpoint to resume from.
+
+    Returns ``(state, path)`` of the checkpoint to resume from, or ``(None, None)``.  Raises a
+    one-line UserError.  The CLI calls this before Hydra starts; :func:`train` calls it too.
+    """
+    run_dir = Path(run_dir)
+    resolve_runtime(cfg.device)
+    if cfg.resume == "auto" and (run_dir / "results.json").exists():
+        return None, None  # done already: train() skips it
+    if not cfg.resume:
+        held = [f for f in ("results.json", "checkpoints/last.pt") if (run_dir / f).exists()]
+        if held:
+            raise UserError(f"{run_dir} already holds a run ({held[0]}); resume it with resume=auto, "
+                            f"or choose a new hydra.run.dir (or hydra.sweep.dir)")
+    path = _resolve_resume(cfg.resume, run_dir)
+    if path is None:
+        return None, None
+    state = ckpt.load_checkpoint(path)
+    _check_same_run(state["config"], cfg, path)
+    return state, path
+
+
+def _check_same_run(saved: dict, cfg: DictConfig, path: Path) -> None:
+    """A resumed run must be the same model and algorithm."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("algo", "backbone"):
+        if saved.get(key, {}).get("_target_") != now[key].get("_target_"):
+            raise CheckpointError(f"checkpoint {path} was trained with {key} {saved.get(key, {}).get('_target_')}, "
+                                  f"not {now[key].get('_target_')}; resume with the same {key}= as the original run")
+    if saved["data"].get("n_way") != now["data"].get("n_way") and "MAML" in str(now["algo"].get("_target_")):
+        raise CheckpointError(f"checkpoint {path} has a {saved['data'].get('n_way')}-way head; resume with "
+                              f"data.n_way={saved['data'].get('n_way')}")
+
+
+def _adopt_run_files(resume_path: Path, run_dir: Path) -> None:
+    """``resume=PATH`` of another run dir: bring its metrics.jsonl and best.pt along (if this
+    dir has none), so the resumed run's history and final test are those of one run."""
+    src = resume_path.parent.parent
+    if resume_path.parent.name != "checkpoints" or not src.is_dir():
+        return
+    try:
+        if src.resolve() == run_dir.resolve():
+            return
+    except OSError:
+        return
+    for rel in ("metrics.jsonl", "checkpoints/best.pt"):
+        if (src / rel).is_file() and not (run_dir / rel).exists():
+            data = (src / rel).read_bytes()
+            ckpt.atomic_write(run_dir / rel, lambda f, data=data: f.write(data))
+
+
+def _is_final_record(line: str) -> bool:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and any(str(k).startswith("test/") for k in rec)
+
+
+def _drop_final_records(path: Path) -> None:
+    """Remove the test metrics of an interrupted final phase: a resumed run logs them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [ln for ln in lines if not _is_final_record(ln)]
+    if len(kept) != len(lines):
+        text = "".join(ln + "\n" for ln in kept).encode()
+        ckpt.atomic_write(path, lambda f: f.write(text))
+
+
+def _restore(state: dict, path: Path, algo, optimizer, scheduler, sampler) -> None:
+    try:
+        algo.load_state_dict(state["model"])
+    except RuntimeError as e:
+        why = str(e).splitlines()[-1].strip()[:160]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({why}); resume with the backbone and "
+                              f"algo settings of the original run (its config.yaml)") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        float(state["best_val_acc"]), int(state["best_step"])
+        if not isinstance(state["rng"], dict):
+            raise TypeError("rng is not a dict")
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} lacks or has a broken training state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); resume from a last.pt written by "
+                              f"`fewshot train`, or start afresh without resume=") from None
+
+
+def _restore_rng(rng: dict, path: Path) -> None:
+    try:
+        ckpt.set_rng_state(rng)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} has a broken RNG state ({type(e).__name__}); resume from a "
+                              f"last.pt written by `fewshot train`, or start afresh without resume=") from None
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """The command that resumes this run (the same command line plus resume=auto)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+    except ImportError:  # pragma: no cover
+        hc = None
+    if hc is None or not sys.argv or not sys.argv[0].startswith("fewshot "):
+        return f"resume with resume=auto and the same run dir ({run_dir})"
+    args = [a for a in sys.argv[1:] if not a.startswith("resume=")]
+    if hc.mode == RunMode.MULTIRUN:
+        if not any(a.startswith("hydra.sweep.dir=") for a in args):
+            args.append(f"hydra.sweep.dir={hc.sweep.dir}")
+    elif not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir}")
+    return "resume with: " + " ".join(shlex.quote(a) for a in [*sys.argv[0].split(), *args, "resume=auto"])
+
+
 def _write_json(path: Path, obj: dict) -> None:
     ckpt.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def _say(msg: str, err: bool = False) -> None:
+    """One plain message line (no markup, no wrapping: paths and commands stay copyable)."""
+    if err:
+        print(msg, file=sys.stderr, flush=True)
+    else:
+        console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+
+def _close(logger) -> list[str]:
+    try:
+        return logger.close()
+    except Exception as e:  # noqa: BLE001 - closing must not hide the error that stopped the run
+        return [f"warning: closing the loggers failed ({type(e).__name__}: {e})"]
+
+
+def _finite_model(algo) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in algo.parameters())
+
+
+# ----------------------------------------------------------------------------- train
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train, keep the best model on validation episodes, test it; return the results dict."""
+    """Train, keep the best model on validation episodes, test it; return the results dict.
+
+    SIGINT/SIGTERM are caught for the whole run: training stops after the current step with a
+    checkpoint (exit code 130/143 through ``SystemExit``).
+    """
+    stop = StopFlag()
+    with stop.installed():
+        return _train(cfg, run_dir, stop)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[str, Any]:
     from fewshot_runner.loggers import make_logger
     from fewshot_runner.plots import save_curves
 
     t_start = time.time()
+    faults = FaultPlan.from_env()
     run_dir = _run_dir(run_dir)
     results_path = run_dir / "results.json"
     if cfg.resume == "auto" and results_path.exists():
-        console.print(f"[green]done already:[/] {results_path} exists (resume=auto); skipping")
+        _say(f"done already: {results_path} exists (resume=auto); skipping")
         return json.loads(results_path.read_text())
 
+    state, resume_path = check_start(cfg, run_dir)
     runtime = resolve_runtime(cfg.device)
-    resume_path = _resolve_resume(cfg.resume, run_dir)
-    state = ckpt.load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
-        _check_same_run(state["config"], cfg, resume_path)
 
     dataset = build_dataset(cfg.data)
     tr, ev = episode_shapes(cfg.data)
@@ -209,7 +502,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     check_episode_shape(val_split, ev.n_way, ev.n_shot, ev.n_query)
     check_episode_shape(test_split, ev.n_way, ev.n_shot, ev.n_query)
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     algo = build_learner(cfg, dataset.x_shape, tr.n_way, runtime)
     algo.check_n_way(ev.n_way)
     optimizer = torch.optim.Adam(algo.parameters(), lr=cfg.train.outer_lr)
@@ -218,32 +511,28 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     sampler = EpisodeSampler(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
     outer_step = getattr(algo, "outer_step", None)
 
+    ckpt_dir = run_dir / "checkpoints"
     start_step, best_acc, best_step, wall_before = 0, -1.0, -1, 0.0
     window: dict[str, list[float]] = {}
     if state is not None:
-        algo.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(state["rng"])
+        _restore(state, resume_path, algo, optimizer, scheduler, sampler)
         start_step = int(state["step"])
         best_acc, best_step = float(state["best_val_acc"]), int(state["best_step"])
-        window = {k: list(v) for k, v in state.get("log_window", {}).items()}
+        window = {k: [float(x) for x in v] for k, v in (state.get("log_window") or {}).items()}
         wall_before = float(state.get("wall_time", 0.0))
-        console.print(f"resuming from {resume_path} at step {start_step}")
+        _adopt_run_files(resume_path, run_dir)
+        _say(f"resuming from {resume_path} at step {start_step}")
+    if cfg.resume:
+        ckpt.remove_stale_temp_files(ckpt_dir)  # torn saves of a killed run
+        _drop_final_records(run_dir / "metrics.jsonl")
 
     config_plain = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
+    ckpt.atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
+    # a fresh run cuts metrics.jsonl to nothing, a resumed one back to its checkpoint's step
     logger = make_logger(cfg.logger.kind, run_dir, project_name=cfg.logger.get("project_name"),
                          workspace=cfg.logger.get("workspace"), experiment_name=cfg.logger.get("experiment_name"),
-                         tags=list(cfg.logger.get("tags") or []), truncate_after_step=start_step if state else None)
-    logger.log_params(config_plain)
-    commit = git_commit()
-    if commit:
-        logger.log_other("git_commit", commit)
-
-    ckpt_dir = run_dir / "checkpoints"
+                         tags=list(cfg.logger.get("tags") or []), truncate_after_step=start_step)
 
     def snapshot(step: int) -> dict[str, Any]:
         return {
@@ -253,35 +542,58 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             "best_step": best_step, "log_window": window, "wall_time": wall_before + time.time() - t_start,
         }
 
-    stop = StopFlag()
-    step = start_step
-    messages: list[str] = []
-    algo.train()
+    def save(name: str, step: int) -> None:
+        if not _finite_model(algo):
+            raise NumericalError(f"the model's weights became non-finite by step {step}; the learning rate is "
+                                 f"likely too high (train.outer_lr={cfg.train.outer_lr}); {ckpt_dir / name} was "
+                                 f"kept as it was; lower the learning rate or set train.grad_clip")
+        hook = faults.on_write("best" if name == "best.pt" else "ckpt", step)
+        ckpt.save_checkpoint(ckpt_dir / name, snapshot(step), before_commit=hook)
+
+    skip_nan = cfg.train.on_nan == "skip"
+    step, saved_at = start_step, -1
     try:
-        with stop.installed(), progress_bar(cfg.train.progress) as bar:
+        logger.log_params(config_plain)
+        commit = git_commit()
+        if commit:
+            logger.log_other("git_commit", commit)
+        if stop:
+            raise Interrupted(f"stopped by {stop.name} before step {step + 1}; nothing new to save")
+        if state is not None:  # last, after anything that draws from them (importing comet_ml does)
+            _restore_rng(state["rng"], resume_path)
+        algo.train()
+        with progress_bar(cfg.train.progress) as bar:
             task = bar.add_task("train", total=cfg.train.steps, completed=start_step, stats="")
             t_last, s_last = time.time(), start_step
             while step < cfg.train.steps:
                 episodes = sampler.sample(cfg.train.meta_batch_size).to(runtime.device, non_blocking=True)
+                if faults.poison(step + 1):
+                    episodes = _poisoned(episodes)
+                buffers = [b.detach().clone() for b in algo.buffers()] if skip_nan else []
                 if outer_step is not None:
                     metrics = outer_step(episodes, optimizer)
                 else:
                     metrics = gradient_outer_step(algo, optimizer, episodes, runtime, cfg.train.task_chunk,
                                                   cfg.train.grad_clip)
                 step += 1
+                faults.at("step", step)
                 if not math.isfinite(metrics["loss"]):
-                    msg = (f"the training loss became {metrics['loss']} at step {step}; the learning rate is likely "
-                           f"too high (train.outer_lr={cfg.train.outer_lr}"
+                    msg = (f"the training loss became {metrics['loss']} at step {step}; the learning rate is "
+                           f"likely too high (train.outer_lr={cfg.train.outer_lr}"
                            + (f", algo.inner_lr={cfg.algo.inner_lr}" if "inner_lr" in cfg.algo else "") + ")")
-                    if cfg.train.on_nan == "stop":
+                    if not skip_nan:
                         good = ckpt_dir / "last.pt"
                         raise NumericalError(msg + (f"; the last good checkpoint is {good}" if good.exists() else "")
                                              + "; lower it, or set train.on_nan=skip")
-                    console.print(f"[yellow]warning:[/] {msg}; update skipped (train.on_nan=skip)")
+                    with torch.no_grad():  # the forward pass may have put NaN in batch-norm statistics
+                        for b, kept in zip(algo.buffers(), buffers):
+                            b.copy_(kept)
+                    _say(f"warning: {msg}; update skipped (train.on_nan=skip)")
                     logger.log_metrics({"train/skipped_nan": 1.0}, step)
                 if scheduler is not None:
                     scheduler.step()
                 for k, v in metrics.items():
+                    v = float(v)
                     if math.isfinite(v):
                         window.setdefault(k, []).append(v)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -290,84 +602,78 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                     t_last, s_last = now, step
                     logged = {f"train/{k}": sum(v) / len(v) for k, v in window.items() if v}
                     logged["train/lr"] = optimizer.param_groups[0]["lr"]
-                    window = {}
+                    window.clear()
                     logger.log_metrics(logged, step)
                     bar.update(task, completed=step, stats=f"loss {logged.get('train/loss', float('nan')):.3f} "
-                                                           f"acc {logged.get('train/acc', float('nan')):.3f} {sps:.2f} it/s")
+                                                           f"acc {logged.get('train/acc', float('nan')):.3f} "
+                                                           f"{sps:.2f} it/s")
                 if step % cfg.train.val_every == 0 or step == cfg.train.steps:
                     val = evaluate(algo, val_split, ev.n_way, ev.n_shot, ev.n_query, cfg.train.val_episodes,
                                    cfg.eval.seed, cfg.eval.chunk, runtime)
+                    faults.at("val", step)
                     improved = val["acc"] > best_acc
                     if improved:
                         best_acc, best_step = val["acc"], step
-                    logger.log_metrics({"val/acc": val["acc"], "val/ci95": val["ci95"], "val/best_acc": best_acc}, step)
+                    logger.log_metrics({"val/acc": val["acc"], "val/ci95": val["ci95"], "val/best_acc": best_acc},
+                                       step)
                     if improved:
-                        ckpt.save_checkpoint(ckpt_dir / "best.pt", snapshot(step))
+                        save("best.pt", step)
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                    ckpt.save_checkpoint(ckpt_dir / "last.pt", snapshot(step))
+                    save("last.pt", step)
+                    saved_at = step
                 if stop:
-                    ckpt.save_checkpoint(ckpt_dir / "last.pt", snapshot(step))
-                    raise Interrupted(f"stopped by signal {stop.signum} at step {step}; checkpoint "
-                                      f"{ckpt_dir / 'last.pt'}")
+                    if saved_at != step:
+                        save("last.pt", step)
+                    raise Interrupted(f"stopped by {stop.name} after step {step}; checkpoint {ckpt_dir / 'last.pt'}")
+
+        # --- test the best model
+        best_path = ckpt_dir / "best.pt"
+        if best_path.exists():
+            algo.load_state_dict(ckpt.load_checkpoint(best_path)["model"])
+        test = evaluate(algo, test_split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
+                        cfg.eval.chunk, runtime)
+        wall = wall_before + time.time() - t_start
+        results = {
+            "test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
+            "test/split": cfg.eval.split, "val/best_acc": best_acc, "best_step": best_step, "steps": step,
+            "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": wall,
+            "checkpoint": str(best_path if best_path.exists() else ckpt_dir / "last.pt"),
+            "package_version": __version__,
+        }
+        logger.log_metrics({"test/acc": test["acc"], "test/ci95": test["ci95"]}, step)
+        curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        if curves:
+            logger.log_image(curves, "curves")
+        _write_json(results_path, results)
     except Interrupted as e:
-        for m in logger.close():
-            console.print(m)
-        console.print(f"[yellow]{e}[/]; resume with: fewshot train <same overrides> "
-                      f"hydra.run.dir={run_dir} resume=auto")
-        raise SystemExit(130 if stop.signum == signal.SIGINT else 143)
+        for m in _close(logger):
+            _say(m)
+        _say(f"{e}; {_resume_hint(run_dir)}", err=True)
+        raise SystemExit(130 if stop.signum == signal.SIGINT else 143) from None
     except BaseException:
-        messages = logger.close()
-        for m in messages:
-            console.print(m)
+        for m in _close(logger):
+            _say(m)
         raise
 
-    # --- test the best model
-    best_path = ckpt_dir / "best.pt"
-    if best_path.exists():
-        algo.load_state_dict(ckpt.load_checkpoint(best_path)["model"])
-    test = evaluate(algo, test_split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
-                    cfg.eval.chunk, runtime)
-    wall = wall_before + time.time() - t_start
-    results = {
-        "test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
-        "test/split": cfg.eval.split, "val/best_acc": best_acc, "best_step": best_step, "steps": step,
-        "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": wall,
-        "checkpoint": str(best_path if best_path.exists() else ckpt_dir / "last.pt"),
-        "package_version": __version__,
-    }
-    logger.log_metrics({"test/acc": test["acc"], "test/ci95": test["ci95"]}, step)
-    curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    if curves:
-        logger.log_image(curves, "curves")
-    _write_json(results_path, results)
-    messages = logger.close()
+    messages = _close(logger)
     console.print(results_table(
         f"{cfg.data._target_.rsplit('.', 1)[-1]} {ev.n_way}-way {ev.n_shot}-shot: {cfg.algo._target_.rsplit('.', 1)[-1]}",
         [("test acc", f"{100 * test['acc']:.2f} % ± {100 * test['ci95']:.2f}"),
          ("test episodes", str(test["n_episodes"])), ("best val acc", f"{100 * best_acc:.2f} % (step {best_step})"),
          ("steps", str(step)), ("wall time", f"{wall:.0f} s"), ("run dir", str(run_dir))]))
     for m in messages:
-        console.print(m)
+        _say(m)
+    if stop:
+        _say(f"{stop.name} arrived during the final test; the run completed anyway")
     return results
-
-
-def _check_same_run(saved: dict, cfg: DictConfig, path: Path) -> None:
-    """A resumed run must be the same model and algorithm."""
-    now = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("algo", "backbone"):
-        if saved.get(key, {}).get("_target_") != now[key].get("_target_"):
-            raise UserError(f"checkpoint {path} was trained with {key} {saved.get(key, {}).get('_target_')}, "
-                            f"not {now[key].get('_target_')}; resume with the same {key}= as the original run")
-    if saved["data"].get("n_way") != now["data"].get("n_way") and "MAML" in str(now["algo"].get("_target_")):
-        raise UserError(f"checkpoint {path} has a {saved['data'].get('n_way')}-way head; resume with "
-                        f"data.n_way={saved['data'].get('n_way')}")
 
 
 # ----------------------------------------------------------------------------- eval
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Re-test a saved model on ``cfg.eval.n_episodes`` episodes of ``cfg.eval.split``."""
-    run_dir = _run_dir(run_dir)
     state = ckpt.load_checkpoint(cfg.checkpoint)
+    ckpt.check_targets(state, cfg.checkpoint)  # its config is instantiated below
+    run_dir = _run_dir(run_dir)
     saved = OmegaConf.create(state["config"])
     for k in ("n_way", "n_shot", "n_query", "root"):
         v = cfg.data.get(k)
@@ -383,8 +689,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     try:
         algo.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"checkpoint {cfg.checkpoint} does not match its own config's model "
-                        f"({str(e).splitlines()[0]}); it may come from another version of fewshot") from e
+        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not match its own config's model "
+                              f"({str(e).splitlines()[0]}); it may come from another version of fewshot") from None
     algo.check_n_way(ev.n_way)
     test = evaluate(algo, split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, runtime)

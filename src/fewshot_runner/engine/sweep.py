@@ -17,6 +17,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = []
         if overrides_file.exists():
             overrides = [ln[2:].strip() for ln in overrides_file.read_text().splitlines() if ln.startswith("- ")]
+            overrides = [o for o in overrides if not o.startswith("resume=")]  # how it ran, not what it is
         row: dict[str, Any] = {"job": int(job_dir.name), "overrides": " ".join(overrides)}
         res = job_dir / "results.json"
         if res.exists():
