@@ -27,9 +27,14 @@ class ConvBlock(nn.Module):
         bn = self.bn
         batch_stats = bn.training or not bn.track_running_stats
         if self.fused and batch_stats:
-            from fewshot_runner.ops import bn_relu_pool
+            from fewshot_runner.ops import bn_relu_pool, update_running_stats
 
-            return bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool)
+            if not (bn.training and bn.track_running_stats):
+                return bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool)
+            # training with running statistics (ProtoNet): update them as nn.BatchNorm2d would
+            out, mean, var = bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool, return_stats=True)
+            update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+            return out
         x = F.relu(bn(x))
         return F.max_pool2d(x, 2) if self.pool else x
 

@@ -1,0 +1,45 @@
+"""scripts/bench.py end to end on tiny settings: what it writes, not how fast anything is."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+FLOAT_KEYS = ("ms_per_it", "ref_ms_per_it", "ref_glibc_ms_per_it", "speedup", "speedup_vs_glibc_ref",
+              "tasks_per_s", "peak_mem_mb", "ref_peak_mem_mb")
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *args, "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_bench_writes_one_record_per_case_with_timings_memory_and_gradient_error(tmp_path):
+    proc, out = run_bench(tmp_path, "--cases", "sampler,maml_5w1s_mb32_1step", "--iters", "2", "--warmup", "1",
+                          "--tiny", "--devices", "cpu", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    for needle in ("CPU:", "torch", "threads", "maml_5w1s_mb32_1step", "speed-up"):
+        assert needle in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["name"], r["device"]) for r in rows] == [("sampler", "cpu"), ("maml_5w1s_mb32_1step", "cpu")]
+    for r in rows:
+        for k in FLOAT_KEYS:
+            assert isinstance(r[k], float) and r[k] > 0, (r["name"], k, r[k])
+        assert len(r["times_ms"]) == 2 and len(r["ref_times_ms"]) == 2 and len(r["ref_glibc_times_ms"]) == 2
+        assert r["ms_iqr"][0] <= r["ms_per_it"] <= r["ms_iqr"][1]
+    sampler, maml = rows
+    assert sampler["grad_rel_err"] is None
+    assert maml["meta_batch"] == 2 and maml["fused_ops"] in ("on", "off")
+    # the fast path's fp32 meta-gradient agrees with the float64 plain reference
+    assert isinstance(maml["grad_rel_err"], float) and 0.0 <= maml["grad_rel_err"] < 1e-2
+    assert isinstance(maml["ref_grad_rel_err"], float) and "fp64" in maml["grad_check"]
+
+
+def test_bench_rejects_an_unknown_case_by_name(tmp_path):
+    proc, out = run_bench(tmp_path, "--cases", "maml_typo", "--iters", "1")
+    assert proc.returncode == 2 and "unknown case(s) maml_typo" in proc.stdout
+    assert not out.exists()
