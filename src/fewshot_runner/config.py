@@ -73,6 +73,7 @@ class MAMLConfig:
     inner_steps: int = 1
     eval_inner_steps: int = 3
     first_order: bool = False
+    batch_tasks: str = "${device.batch_tasks}"  # off | on | auto: vmap over the tasks of a batch
 
 
 @dataclass
@@ -86,6 +87,7 @@ class DeviceConfig:
     type: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast; opt-in, not exact)
     fused_ops: str = "auto"  # fused BN+ReLU+max-pool kernels: off | on | auto
+    batch_tasks: str = "auto"  # MAML: vmap over tasks: off | on | auto (on for CUDA)
     channels_last: bool = False
     compile: bool = False
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default

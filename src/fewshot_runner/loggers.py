@@ -245,12 +245,23 @@ def _console_handlers(lg: logging.Logger) -> list[logging.Handler]:
     return [h for h in lg.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
+class _DropAutoLoggingHint(logging.Filter):
+    """Comet's "import comet_ml before torch" hint: fewshot logs everything explicitly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("To get all data logged automatically")
+
+
 def _quiet_comet_console() -> None:
     """Comet's console to WARNING (it logs INFO chatter by default), unless the user set
     COMET_LOGGING_CONSOLE."""
     if os.environ.get("COMET_LOGGING_CONSOLE"):
         return
-    for h in _console_handlers(logging.getLogger("comet_ml")):
+    lg = logging.getLogger("comet_ml")
+    if not any(isinstance(f, _DropAutoLoggingHint) for f in lg.filters):
+        for name in ("comet_ml", "comet_ml.experiment"):
+            logging.getLogger(name).addFilter(_DropAutoLoggingHint())
+    for h in _console_handlers(lg):
         if h.level < logging.WARNING:
             h.setLevel(logging.WARNING)
 
@@ -339,6 +350,9 @@ class CometLogger:
     ):
         if mode not in ("online", "offline"):
             raise ValueError(f"CometLogger mode must be 'online' or 'offline', got {mode!r}")
+        # comet's crash reporting (sentry) retries a network upload at every run and prints
+        # warnings when offline; the user turns it on with COMET_ERROR_TRACKING_ENABLE=true
+        os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
         import comet_ml  # lazy: slow import
 
         self._comet = comet_ml

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -30,3 +31,22 @@ def test_protonet_loss_is_cross_entropy_and_any_way_works():
     assert logits.shape == (2, 40, 20)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 20), ep.query_y.reshape(-1)))
     assert 0.0 <= metrics["acc"].item() <= 1.0
+
+
+@pytest.mark.slow
+def test_compiled_protonet_gives_the_same_logits_and_state_dict_keys():
+    """device.compile=true: torch.compile of the backbone (about 30 s to compile on a CPU)."""
+    from fewshot_runner.backbones.conv import Conv4
+
+    torch.manual_seed(0)
+    a = PrototypicalNetworks(Conv4((1, 28, 28), hidden=8, fused_ops="off"), n_way=5, feature_dim=8)
+    b = PrototypicalNetworks(Conv4((1, 28, 28), hidden=8, fused_ops="off"), n_way=5, feature_dim=8)
+    b.load_state_dict(a.state_dict())
+    b.compile_for_speed()
+    assert list(a.state_dict()) == list(b.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ep = Episode(torch.rand(2, 5, 1, 28, 28, generator=g), torch.arange(5).repeat(2, 1),
+                 torch.rand(2, 10, 1, 28, 28, generator=g), torch.arange(5).repeat_interleave(2).repeat(2, 1), 5)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b.predict(ep), a.predict(ep), rtol=1e-4, atol=1e-4)

@@ -24,6 +24,8 @@ class MetaLearner(Protocol):
 
     A learner whose outer update is not a gradient step on ``meta_loss`` (Reptile) also
     defines ``outer_step(episodes, optimizer) -> metrics``; the engine uses it when present.
+    A learner that can run ``torch.compile``d defines ``compile_for_speed()`` (``device.compile=true``;
+    without it that setting is refused with one line).
     """
 
     def meta_loss(self, episodes: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...

@@ -48,3 +48,7 @@ class PrototypicalNetworks(nn.Module):
 
     def check_n_way(self, n_way: int) -> None:
         return None
+
+    def compile_for_speed(self) -> None:
+        """``device.compile=true``: ``torch.compile`` the backbone in place (state-dict keys unchanged)."""
+        self.backbone.compile()

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_runner.backbones.norm import is_transformed
+
 
 class ConvBlock(nn.Module):
     """conv3x3 -> BatchNorm -> ReLU -> (max-pool 2 | nothing, with a stride-2 conv).
@@ -26,7 +28,7 @@ class ConvBlock(nn.Module):
         x = self.conv(x)
         bn = self.bn
         batch_stats = bn.training or not bn.track_running_stats
-        if self.fused and batch_stats:
+        if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)
             from fewshot_runner.ops import bn_relu_pool, update_running_stats
 
             if not (bn.training and bn.track_running_stats):

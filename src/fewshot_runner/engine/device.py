@@ -15,6 +15,7 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: full fp32
     channels_last: bool
+    compile: bool = False  # torch.compile where the learner supports it (see build_learner)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -38,4 +39,5 @@ def resolve_runtime(cfg) -> Runtime:
     if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, bool(cfg.channels_last))
+    return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, bool(cfg.channels_last),
+                   bool(cfg.get("compile", False)))

@@ -109,6 +109,12 @@ def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime):
     algo = algo.to(runtime.device)
     if runtime.channels_last:
         algo = algo.to(memory_format=torch.channels_last)
+    if runtime.compile:
+        compile_fn = getattr(algo, "compile_for_speed", None)
+        if compile_fn is None:
+            raise UserError(f"{type(algo).__name__} does not support device.compile=true (torch.compile cannot "
+                            f"differentiate through its inner loop); use device.compile=false")
+        compile_fn()
     return algo
 
 
