@@ -10,8 +10,8 @@ Every (case, implementation) runs in its own process (this script, ``--impl fast
   (``compose("train", algo=..., backbone=conv4, device.fused_ops=on|off)`` -> ``build_learner``),
   stepped by ``gradient_outer_step`` with Adam, as ``fewshot train`` does. ``fused_ops`` is
   ``on`` when ``fewshot_runner.ops.bn_relu_pool`` imports, else ``off``. The sampler case times
-  ``EpisodeSampler.sample``. On CUDA it is the same per-task loop (the fused op falls back to
-  its torch-ops backend there; no batching of tasks).
+  ``EpisodeSampler.sample``. On CUDA, MAML runs with ``device.batch_tasks=auto``: all tasks of
+  the batch at once under ``torch.func.vmap`` (batch norm from primitives); the fused op is CPU-only.
 * ``ref``: a plain reference written here, independent of the package's algorithms: Conv4
   (conv -> F.batch_norm(training=True) -> relu -> max_pool2d, 64 channels, unfused), a
   per-task ``torch.func.functional_call`` loop with ``torch.autograd.grad(create_graph=True)``,
@@ -502,6 +502,8 @@ def run_child(args) -> dict:
         out["fused_ops"] = fused
         out["fused_ops_note"] = why
         algo, runtime, cfg = package_learner(case, device.type, args.threads, fused)
+        mode = getattr(algo, "batch_tasks", None)  # MAML: vmap over tasks (on CUDA with auto)
+        out["batch_tasks"] = mode == "on" or (mode == "auto" and device.type == "cuda")
         step = fast_step_fn(case, algo, runtime, cfg, args.tiny)
     else:
         step = reference_step_fn(case, device, args.tiny)

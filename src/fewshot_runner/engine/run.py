@@ -572,7 +572,10 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
             task = bar.add_task("train", total=cfg.train.steps, completed=start_step, stats="")
             t_last, s_last = time.time(), start_step
             while step < cfg.train.steps:
-                episodes = sampler.sample(cfg.train.meta_batch_size).to(runtime.device, non_blocking=True)
+                episodes = sampler.sample(cfg.train.meta_batch_size)
+                if runtime.device.type == "cuda":  # page-locked, so the copy below is asynchronous
+                    episodes = episodes.pin_memory()
+                episodes = episodes.to(runtime.device, non_blocking=True)
                 if faults.poison(step + 1):
                     episodes = _poisoned(episodes)
                 buffers = [b.detach().clone() for b in algo.buffers()] if skip_nan else []
