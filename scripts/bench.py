@@ -3,6 +3,7 @@
     python scripts/bench.py                       # full set (``make bench``), under 10 minutes on 2 cores
     python scripts/bench.py --quick --json b.json # about 3 minutes on 2 quiet cores
     python scripts/bench.py --cases sampler,maml_5w1s_mb32_1step --iters 2 --warmup 1 --tiny
+    python scripts/bench.py --quick --precision bf16 --cases maml_5w1s_mb32_1step,maml_5w1s_mb32_5step
 
 Every (case, implementation) runs in its own process (this script, ``--impl fast|ref``):
 
@@ -331,7 +332,7 @@ def fused_ops_mode() -> tuple[str, str]:
     return "on", f"torch-ops fallback ({status.get('error')})"[:200]
 
 
-def package_learner(case: Case, device_type: str, threads: int, fused: str):
+def package_learner(case: Case, device_type: str, threads: int, fused: str, precision: str = "fp32"):
     """(algo, runtime, cfg) built the way ``fewshot train`` builds them."""
     from hydra import compose, initialize_config_dir
 
@@ -342,7 +343,7 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str):
 
     algo_name = "protonet" if case.workload == "protonet" else ("fomaml" if case.first_order else "maml")
     overrides = [f"algo={algo_name}", "backbone=conv4", "data=synthetic", f"device={device_type}",
-                 f"device.fused_ops={fused}", f"device.threads={threads}", "device.precision=fp32", "logger=none",
+                 f"device.fused_ops={fused}", f"device.threads={threads}", f"device.precision={precision}", "logger=none",
                  f"data.n_way={case.n_way}", f"data.n_shot={case.n_shot}", f"data.n_query={case.n_query}",
                  f"backbone.hidden={HIDDEN}", "backbone.pool=true", f"train.outer_lr={OUTER_LR}"]
     if case.workload == "maml":
@@ -405,7 +406,7 @@ def package_grads(case: Case, algo, runtime, episodes, dtype):
     load_weights(algo, make_weights(n_out, HIDDEN))
     algo.zero_grad(set_to_none=True)
     episodes = episodes.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t)
-    with runtime.autocast():
+    with runtime.autocast() if dtype == torch.float32 else contextlib.nullcontext():  # (bf16 autocast: fp32 only)
         loss, _ = algo.meta_loss(episodes)
     return [g.detach() for g in torch.autograd.grad(loss, tuple(algo.parameters()))]
 
@@ -499,9 +500,12 @@ def run_child(args) -> dict:
         step = lambda: sampler.sample(case.meta_batch)  # noqa: E731
     elif args.impl == "fast":
         fused, why = fused_ops_mode()
+        if args.precision != "fp32":  # unfused: the gradient check then runs on the smooth twin
+            fused, why = "off", f"off under {args.precision} autocast"
         out["fused_ops"] = fused
         out["fused_ops_note"] = why
-        algo, runtime, cfg = package_learner(case, device.type, args.threads, fused)
+        out["precision"] = args.precision
+        algo, runtime, cfg = package_learner(case, device.type, args.threads, fused, args.precision)
         mode = getattr(algo, "batch_tasks", None)  # MAML: vmap over tasks (on CUDA with auto)
         out["batch_tasks"] = mode == "on" or (mode == "auto" and device.type == "cuda")
         step = fast_step_fn(case, algo, runtime, cfg, args.tiny)
@@ -551,7 +555,8 @@ def child_env(tuned_allocator: bool) -> dict[str, str]:
 def spawn(case: Case, impl: str, device: str, warmup: int, iters: int, args, tuned_allocator: bool,
           check: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--case", case.name, "--device", device,
-           "--warmup", str(warmup), "--iters", str(iters), "--threads", str(args.threads)]
+           "--warmup", str(warmup), "--iters", str(iters), "--threads", str(args.threads),
+           "--precision", args.precision]
     cmd += ["--tiny"] * args.tiny + ["--check"] * check
     proc = subprocess.run(cmd, env=child_env(tuned_allocator), capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
@@ -591,7 +596,7 @@ def run_case(case: Case, device: str, args) -> dict:
         "warmup": warmup, "iters": iters, "threads": fast["threads"],
         "times_ms": fast["times_ms"], "ref_times_ms": ref["times_ms"], "ref_glibc_times_ms": ref_glibc["times_ms"],
     }
-    for k in ("fused_ops", "fused_ops_note", "zero_grad_err", "ref_grad_rel_err", "grad_rel_err_fp64",
+    for k in ("precision", "fused_ops", "fused_ops_note", "zero_grad_err", "ref_grad_rel_err", "grad_rel_err_fp64",
               "grad_rel_err_vs_ref_fp32",
               "grad_check", "grad_check_tasks", "grad_check_fp64_note"):
         if k in fast:
@@ -665,6 +670,7 @@ def run_parent(args) -> int:
     console.print(f"fused ops: {fused}" + (f" ({why})" if why else "")
                   + f"   allocator: {' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} for fast and ref; "
                   f"ref also under glibc defaults   mode: {'quick' if args.quick else 'full'}"
+                  + (f"   fast path precision: {args.precision} (autocast, unfused)" if args.precision != "fp32" else "")
                   + (" tiny" if args.tiny else ""))
     load = os.getloadavg()[0]
     if load > 0.5:
@@ -688,7 +694,8 @@ def run_parent(args) -> int:
             rows.append(row)
     print_table(console, rows)
     checks = sorted({r["grad_check"].split(";")[0] for r in rows if r.get("grad_check")})
-    console.print(f"total {time.time() - t0:.0f} s. speed-up = ref median / fast median. grad_rel_err: fast fp32 vs "
+    console.print(f"total {time.time() - t0:.0f} s. speed-up = ref median / fast median. grad_rel_err: fast "
+                  f"{'fp32' if args.precision == 'fp32' else args.precision + ' autocast'} vs "
                   f"plain fp64 meta-gradient on the {' / '.join(checks) or '-'}; next column: the plain reference's "
                   "own fp32 error, and the fast path in fp64. peak MB: "
                   f"{rows[0].get('peak_mem_kind', '') if rows else ''}")
@@ -710,6 +717,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed warm-up iterations per run (overrides the default)")
     p.add_argument("--tiny", action="store_true", help="shrink meta-batches (MAML 2 tasks, ProtoNet 1 episode); for tests")
     p.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the fast path's device.precision (bf16: autocast, opt-in; the reference stays fp32)")
     # child mode
     p.add_argument("--impl", choices=["fast", "ref"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
