@@ -53,6 +53,17 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def one_error_line(p: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run failed with exactly one `error: ...` line on stderr holding each fragment, no traceback."""
+    assert p.returncode != 0
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
 @pytest.fixture
 def cli(tmp_path):
     def _run(*args, **kw):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import real_data_root, run_cli
+from conftest import one_error_line, real_data_root, run_cli
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.errors import UserError
 
@@ -48,16 +48,6 @@ def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def killed(p: subprocess.CompletedProcess) -> None:
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-
-
-def one_error_line(p: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert p.returncode != 0
-    assert "Traceback" not in p.stdout + p.stderr, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 def records(run: Path) -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 from fewshot_runner.data import omniglot as om
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.errors import CheckpointError, DataError
@@ -32,16 +32,6 @@ class _WritesMarker:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
-
-
-def one_error_line(p, *fragments: str) -> str:
-    assert p.returncode != 0
-    assert "Traceback" not in p.stdout + p.stderr, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 def _plain_checkpoint(**over) -> dict:
