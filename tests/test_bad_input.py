@@ -103,6 +103,8 @@ CASES = {
     "negative steps": (["train", "train.steps=-5"], ["train.steps=-5", "positive"]),
     "unknown on_nan": (["train", "train.on_nan=ignore"], ["train.on_nan=ignore", "stop, skip"]),
     "unknown precision": (["train", "device.precision=fp8"], ["device.precision=fp8", "fp32, bf16"]),
+    "unknown batch_tasks": (["train", "device.batch_tasks=yes"], ["device.batch_tasks=yes", "auto, on, off"]),
+    "compile with MAML": (["train", "algo=maml", "device.compile=true"], ["device.compile=true", "device.compile=false"]),
     "unknown logger kind": (["train", "logger.kind=wandb"], ["logger.kind=wandb", "comet_offline"]),
     "bad value in one sweep job": (["train", "-m", "data.n_way=5,0", "hydra.sweep.dir={out}"], ["data.n_way=0"]),
     "unknown command": (["trian"], ["unknown command 'trian'", "train, eval"]),
