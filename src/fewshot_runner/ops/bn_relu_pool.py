@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from fewshot_runner.backbones.norm import is_transformed
+
 __all__ = ["bn_relu_pool", "bn_relu_pool_reference", "extension_status", "load_extension", "update_running_stats"]
 
 _CSRC = Path(__file__).with_name("csrc") / "bn_relu_pool.cpp"
@@ -135,18 +137,10 @@ def extension_status() -> dict:
             "cache": str(_cache_dir())}
 
 
-def _functorch_wrapped(t) -> bool:
-    """True for tensors of torch.func transforms (grad, vmap): the C++ kernels need plain storage."""
-    try:
-        return t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
 def _backend(x: torch.Tensor, weight, bias) -> str:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return "torch"
-    if any(_functorch_wrapped(t) for t in (x, weight, bias)):
+    if any(is_transformed(t) for t in (x, weight, bias)):  # the C++ kernels need plain storage
         return "torch"
     for t in (weight, bias):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
