@@ -32,3 +32,19 @@ def test_protonet_on_real_omniglot_beats_chance_widely(compose_cfg, tmp_path, om
     res = train(cfg, run_dir=tmp_path)
     assert res["test/n_episodes"] == 100
     assert res["test/acc"] > 0.7, res
+
+
+def test_eval_runs_a_checkpoint_with_the_device_settings_given_to_eval(compose_cfg, tmp_path, monkeypatch):
+    """The checkpoint's config holds resolved device-derived keys (backbone.fused_ops, algo.batch_tasks);
+    `fewshot eval ... device.fused_ops=off device.batch_tasks=on` must build the model with those."""
+    import fewshot_runner.engine.run as run
+
+    train(compose_cfg(["debug=smoke", "algo=maml", "device.fused_ops=on"]), run_dir=tmp_path / "run")
+    built = []
+    real = run.build_learner
+    monkeypatch.setattr(run, "build_learner", lambda cfg, *a: built.append(cfg) or real(cfg, *a))
+    cfg = compose_cfg([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "device=cpu",
+                       "device.fused_ops=off", "device.batch_tasks=on", "eval.n_episodes=4"], name="eval")
+    res = run.evaluate_checkpoint(cfg, run_dir=tmp_path / "ev")
+    assert built[0].backbone.fused_ops == "off" and built[0].algo.batch_tasks == "on"
+    assert built[0].backbone._target_.endswith("Conv4") and 0 <= res["test/acc"] <= 1

@@ -40,4 +40,4 @@ def resolve_runtime(cfg) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, bool(cfg.channels_last),
-                   bool(cfg.get("compile", False)))
+                   bool(cfg.compile))

@@ -678,12 +678,26 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
 
 
 # ----------------------------------------------------------------------------- eval
+def with_device(saved: DictConfig, device: DictConfig) -> DictConfig:
+    """A saved (resolved) run config set to run on ``device``: its ``device`` node is replaced, and so is
+    every backbone/algo key that was an interpolation of a device key (``backbone.fused_ops``,
+    ``algo.batch_tasks``: same name), so ``fewshot eval ... device.fused_ops=off`` takes effect."""
+    saved = saved.copy()
+    saved.device = OmegaConf.create(OmegaConf.to_container(device, resolve=True))
+    for group in ("backbone", "algo"):
+        node = saved.get(group)
+        for key in list(node.keys()) if node is not None else []:
+            if key in saved.device and key != "_target_":
+                node[key] = saved.device[key]
+    return saved
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Re-test a saved model on ``cfg.eval.n_episodes`` episodes of ``cfg.eval.split``."""
     state = ckpt.load_checkpoint(cfg.checkpoint)
     ckpt.check_targets(state, cfg.checkpoint)  # its config is instantiated below
     run_dir = _run_dir(run_dir)
-    saved = OmegaConf.create(state["config"])
+    saved = with_device(OmegaConf.create(state["config"]), cfg.device)
     for k in ("n_way", "n_shot", "n_query", "root"):
         v = cfg.data.get(k)
         if v is not None:
