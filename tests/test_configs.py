@@ -58,3 +58,23 @@ def test_published_defaults(compose_cfg):
     assert proto.train.meta_batch_size == 1 and proto.train.outer_lr == 1e-3
     logger = compose_cfg([])
     assert "api_key" not in str(logger.logger).lower()
+
+
+@pytest.mark.parametrize("value,expected", [("auto", True), ("on", True), ("true", True), ("off", False),
+                                            ("false", False)])
+def test_channels_last_switch(compose_cfg, value, expected):
+    """device.channels_last: auto is on for CPU (measured faster there, docs/speed.md); booleans accepted."""
+    cfg = compose_cfg(["data=synthetic", "device=cpu", f"device.channels_last={value}"])
+    runtime = resolve_runtime(cfg.device)
+    assert runtime.channels_last is expected
+    algo = build_learner(cfg, (1, 28, 28), 5, runtime)
+    blocks = [m for m in algo.modules() if hasattr(m, "channels_last")]
+    assert blocks and all(m.channels_last is expected for m in blocks)
+
+
+def test_channels_last_bad_value_is_one_clear_error(compose_cfg):
+    from fewshot_runner.errors import UserError
+
+    cfg = compose_cfg(["data=synthetic", "device=cpu", "device.channels_last=sometimes"])
+    with pytest.raises(UserError, match="device.channels_last='sometimes' is not one of off, on, auto"):
+        resolve_runtime(cfg.device)

@@ -88,7 +88,7 @@ class DeviceConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; opt-in, not exact)
     fused_ops: str = "auto"  # fused BN+ReLU+max-pool kernels: off | on | auto
     batch_tasks: str = "auto"  # MAML: vmap over tasks: off | on | auto (on for CUDA)
-    channels_last: bool = False
+    channels_last: str = "auto"  # NHWC convolutions: off | on | auto (on for CPU; true/false also accepted)
     compile: bool = False
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     tune_allocator: bool = True  # the launcher re-execs with glibc malloc thresholds set

@@ -49,3 +49,43 @@ def test_fused_conv4_gradients_match_in_train_mode():
     gb = torch.autograd.grad(fused(x).pow(2).sum(), list(fused.parameters()))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def maml_meta_grad(net, x_s, y_s, x_q, y_q, head):
+    """One second-order MAML step on a linear head over ``net``'s features: d(query loss)/d(weights)."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    params = dict(net.named_parameters())
+    fwd = lambda p, x: functional_call(net, p, (x,)) @ head  # noqa: E731
+    loss = F.cross_entropy(fwd(params, x_s), y_s)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    fast = {k: w - 0.4 * g for (k, w), g in zip(params.items(), grads)}
+    return torch.autograd.grad(F.cross_entropy(fwd(fast, x_q), y_q), list(params.values()))
+
+
+@pytest.mark.parametrize("pool", [True, False], ids=["maxpool", "strided"])
+@pytest.mark.parametrize("fused_ops", ["on", "off"])
+def test_channels_last_conv4_equals_nchw_to_second_order(pool, fused_ops):
+    """use_channels_last (device.channels_last): same forward and second-order MAML meta-gradient
+    (float64, 1e-10) as the NCHW net, and the maps really are NHWC (the fused op's NHWC kernels run)."""
+    from fewshot_runner.backbones import use_channels_last
+
+    torch.manual_seed(0)
+    nchw = Conv4((1, 28, 28), hidden=8, pool=pool, fused_ops=fused_ops).double()
+    nhwc = Conv4((1, 28, 28), hidden=8, pool=pool, fused_ops=fused_ops).double()
+    nhwc.load_state_dict(nchw.state_dict())
+    use_channels_last(nhwc)
+    assert nhwc.blocks[0].channels_last and not nchw.blocks[0].channels_last
+    assert nhwc.blocks[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(3)
+    x_s, x_q = (torch.rand(n, 1, 28, 28, dtype=torch.float64, generator=g) for n in (5, 15))
+    y_s, y_q = torch.arange(5), torch.arange(5).repeat(3)
+    head = torch.randn(nchw(x_q).shape[1], 5, dtype=torch.float64, generator=g)
+    h = nhwc.blocks[0](x_q)
+    assert h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    torch.testing.assert_close(nhwc(x_q), nchw(x_q), rtol=1e-10, atol=1e-12)
+    got = maml_meta_grad(nhwc, x_s, y_s, x_q, y_q, head)
+    ref = maml_meta_grad(nchw, x_s, y_s, x_q, y_q, head)
+    for (name, _), a, b in zip(nchw.named_parameters(), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)

@@ -31,9 +31,12 @@ def fused(backend):
     return lambda x, w, b, pool=True, eps=1e-5: bn_relu_pool(x, w, b, eps=eps, pool=pool, backend=backend)
 
 
-def make_inputs(shape, dtype, seed=0, offset=0.3):
+def make_inputs(shape, dtype, seed=0, offset=0.3, channels_last=False):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, dtype=dtype, generator=g) * 1.5 + offset).requires_grad_()
+    x = torch.randn(shape, dtype=dtype, generator=g) * 1.5 + offset
+    if channels_last:  # the NHWC kernels (what oneDNN's channels-last convolutions hand over)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     w = (torch.rand(shape[1], dtype=dtype, generator=g) + 0.5).requires_grad_()
     b = (torch.randn(shape[1], dtype=dtype, generator=g) * 0.2).requires_grad_()
     return x, w, b
@@ -55,8 +58,9 @@ def all_orders(op, x, w, b, pool, seed=1):
 # ------------------------------------------------------------------------------- gradcheck
 @pytest.mark.parametrize("shape", [(3, 2, 6, 6), (3, 2, 7, 5)])
 @pytest.mark.parametrize("pool", [True, False])
-def test_gradcheck_and_gradgradcheck(backend, shape, pool):
-    x, w, b = make_inputs(shape, torch.float64, seed=3)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gradcheck_and_gradgradcheck(backend, shape, pool, channels_last):
+    x, w, b = make_inputs(shape, torch.float64, seed=3, channels_last=channels_last)
     op = fused(backend)
 
     def f(x, w, b):
@@ -67,21 +71,26 @@ def test_gradcheck_and_gradgradcheck(backend, shape, pool):
 
 
 # --------------------------------------------------------------------- against the reference
-@pytest.mark.parametrize("shape", [(20, 8, 14, 14), (4, 3, 7, 5), (2, 3, 9, 35)])
+@pytest.mark.parametrize("shape", [(20, 8, 14, 14), (4, 3, 7, 5), (2, 3, 9, 35), (3, 64, 5, 5)])
 @pytest.mark.parametrize("pool", [True, False])
-def test_matches_reference_float64(backend, shape, pool):
-    x, w, b = make_inputs(shape, torch.float64)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_reference_float64(backend, shape, pool, channels_last):
+    x, w, b = make_inputs(shape, torch.float64, channels_last=channels_last)
     got = all_orders(fused(backend), x, w, b, pool)
     ref = all_orders(bn_relu_pool_reference, x, w, b, pool)
     names = ["out", "gx", "gw", "gb", "ggx", "ggw", "ggb", "ggout"]
     for name, a, r in zip(names, got, ref):
         assert a.shape == r.shape, name
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=name)
+    if channels_last and backend == "ext":  # outputs and gradients stay in x's layout (no copies)
+        for name, a in zip(names[:2], got[:2]):
+            assert a.is_contiguous(memory_format=torch.channels_last), name
 
 
 @pytest.mark.parametrize("pool", [True, False])
-def test_matches_reference_float32(backend, pool):
-    x, w, b = make_inputs((20, 8, 14, 14), torch.float32)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_reference_float32(backend, pool, channels_last):
+    x, w, b = make_inputs((20, 8, 14, 14), torch.float32, channels_last=channels_last)
     got = all_orders(fused(backend), x, w, b, pool)
     ref = all_orders(bn_relu_pool_reference, x, w, b, pool)
     for i, (a, r) in enumerate(zip(got, ref)):
@@ -92,14 +101,18 @@ def test_matches_reference_float32(backend, pool):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(4, 3, 28, 28), (2, 2, 9, 66)])
-def test_ties_follow_max_pool(backend, dtype, shape):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_ties_follow_max_pool(backend, dtype, shape, channels_last):
     """Integer inputs give many exact ties: the gradient must go where F.max_pool2d sends it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-2, 3, shape, generator=g).to(dtype).requires_grad_()
+    # the op on x in the layout under test; the reference on plain NCHW x (torch's own channels-last
+    # batch norm sums in another order: 4e-4 off float64 here, 30x further than either NCHW result)
+    xt = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_() if channels_last else x
     w = (torch.rand(shape[1], dtype=dtype, generator=g) + 0.5).requires_grad_()
     b = (torch.randn(shape[1], dtype=dtype, generator=g) * 0.1).requires_grad_()
     res = []
-    for op in (fused(backend), bn_relu_pool_reference):
+    for op, x in ((fused(backend), xt), (bn_relu_pool_reference, x)):
         out = op(x, w, b)
         gout = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
         res.append((out, *torch.autograd.grad(out, (x, w, b), gout)))
@@ -138,7 +151,8 @@ def meta_gradient(op, params, xs, ys, xq, yq, lr=0.4):
     return torch.autograd.grad(F.cross_entropy(tiny_net(fast, xq, op), yq), list(params.values()))
 
 
-def test_maml_meta_gradient_float64(backend):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_maml_meta_gradient_float64(backend, channels_last):
     g = torch.Generator().manual_seed(0)
     d = torch.float64
     c = 6
@@ -150,6 +164,10 @@ def test_maml_meta_gradient_float64(backend):
               for k, s in shapes.items()}
     xs, ys = torch.randn(5, 1, 12, 12, dtype=d, generator=g), torch.arange(5)
     xq, yq = torch.randn(15, 1, 12, 12, dtype=d, generator=g), torch.arange(5).repeat(3)
+    if channels_last:  # inputs and conv weights channels-last: the convolutions hand NHWC maps to the op
+        xs, xq = (t.contiguous(memory_format=torch.channels_last) for t in (xs, xq))
+        params = {k: (p.detach().contiguous(memory_format=torch.channels_last).requires_grad_() if p.dim() == 4 else p)
+                  for k, p in params.items()}
     got = meta_gradient(fused(backend), params, xs, ys, xq, yq)
     ref = meta_gradient(bn_relu_pool_reference, params, xs, ys, xq, yq)
     for k, a, r in zip(params, got, ref):

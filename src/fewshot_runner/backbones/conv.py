@@ -23,9 +23,19 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(c_in, c_out, 3, stride=1 if pool else 2, padding=1)
         self.bn = nn.BatchNorm2d(c_out)
         self.fused = fused
+        self.channels_last = False  # set by backbones.use_channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        conv = self.conv
+        if self.channels_last and not is_transformed(x):
+            # NHWC maps and weights: oneDNN's fast convolutions (``.to``, not ``.contiguous``: with one
+            # input channel only ``.to`` restrides, and the NCHW kernel is then ~10x slower).  Weights
+            # are converted here, not only once, because MAML's adapted weights are new tensors.
+            x = x.to(memory_format=torch.channels_last)
+            w = conv.weight.to(memory_format=torch.channels_last)
+            x = F.conv2d(x, w, conv.bias, conv.stride, conv.padding)
+        else:
+            x = conv(x)
         bn = self.bn
         batch_stats = bn.training or not bn.track_running_stats
         if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)

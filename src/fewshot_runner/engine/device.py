@@ -34,10 +34,22 @@ def resolve_runtime(cfg) -> Runtime:
         raise UserError(f"device.type={cfg.type!r} is not one of auto, cpu, cuda")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"device.precision={cfg.precision!r} is not one of fp32, bf16")
+    channels_last = _switch(cfg.get("channels_last", "off"), "device.channels_last")
+    if channels_last == "auto":  # measured on CPU (docs/speed.md); unmeasured on GPUs, so off there
+        channels_last = "on" if kind == "cpu" else "off"
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, bool(cfg.channels_last),
+    return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, channels_last == "on",
                    bool(cfg.compile))
+
+
+def _switch(value, name: str) -> str:
+    """off | on | auto, with booleans (and their spellings) accepted for on / off."""
+    v = str(value).strip().lower()
+    v = {"true": "on", "false": "off", "1": "on", "0": "off", "yes": "on", "no": "off"}.get(v, v)
+    if v not in ("off", "on", "auto"):
+        raise UserError(f"{name}={value!r} is not one of off, on, auto (or true / false)")
+    return v

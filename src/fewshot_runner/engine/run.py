@@ -108,7 +108,9 @@ def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime):
     algo = instantiate_node(cfg.algo, backbone=backbone, n_way=n_way, feature_dim=feature_dim)
     algo = algo.to(runtime.device)
     if runtime.channels_last:
-        algo = algo.to(memory_format=torch.channels_last)
+        from fewshot_runner.backbones import use_channels_last
+
+        algo = use_channels_last(algo)
     if runtime.compile:
         compile_fn = getattr(algo, "compile_for_speed", None)
         if compile_fn is None:

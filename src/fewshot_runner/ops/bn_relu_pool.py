@@ -9,7 +9,9 @@ is written out in closed form, so each order is a few passes over memory instead
 Backends, picked per call:
 
 * ``"ext"``: C++ kernels (``csrc/bn_relu_pool.cpp``): a few passes over memory per op, parallel over
-  the (n, c) planes (torch's thread pool), AVX-512 for the pooling where the CPU has it; compiled with ``torch.utils.cpp_extension.load`` on first use into a cache folder
+  the (n, c) planes (NCHW) or the images (channels-last input: NHWC kernels, outputs and gradients
+  channels-last too), on torch's thread pool, AVX-512 for the NCHW pooling where the CPU has it;
+  compiled with ``torch.utils.cpp_extension.load`` on first use into a cache folder
   (``$FEWSHOT_OPS_CACHE``, else ``~/.cache/fewshot_runner/ops``).  CPU, float32 / float64.
 * ``"torch"``: the same math in torch ops (CUDA tensors, other dtypes, inputs of torch.func transforms
   such as ``grad`` / ``vmap``, no compiler, or ``FEWSHOT_OPS_NO_EXT=1``).  A failed build warns once
@@ -148,6 +150,15 @@ def _backend(x: torch.Tensor, weight, bias) -> str:
     return "ext" if load_extension() is not None else "torch"
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory layout the kernels run in for x: channels-last (NHWC, what oneDNN's fast
+    convolutions produce) when x is so and not also plain-contiguous, else contiguous (NCHW).
+    Outputs and gradients follow x's layout; the torch-ops backend always runs NCHW."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 # --------------------------------------------------------------------------- torch-ops backend
 # route: pool -> (ind, alive): ind = flat argmax of y per window (int64), alive = max > 0;
 #        no pool -> (alive,) with alive = y > 0.
@@ -268,7 +279,7 @@ class _BNReluPoolBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(gp, x, weight, mean, rstd, pool, backend, *route):
-        gp = gp.contiguous()
+        gp = gp.contiguous(memory_format=_layout(x))
         if backend == "ext":
             gx, gw, gb = _ext.backward(gp, x, weight, mean, rstd, route[0], route[1] if pool else None, pool, True)
             return gx, gw, gb
@@ -289,8 +300,10 @@ class _BNReluPoolBackward(torch.autograd.Function):
         tail = (None,) * (4 + ctx.n_route)
         if ggx is None and ggw is None and ggb is None:
             return (None, None, None) + tail
-        gp = gp.contiguous()
-        ggx, ggw, ggb = (None if t is None else t.contiguous() for t in (ggx, ggw, ggb))
+        fmt = _layout(x)
+        gp = gp.contiguous(memory_format=fmt)
+        ggx = None if ggx is None else ggx.contiguous(memory_format=fmt)
+        ggw, ggb = (None if t is None else t.contiguous() for t in (ggw, ggb))
         if ctx.backend == "ext":
             g_gp, g_x, g_w = _ext.double_backward(ggx, ggw, ggb, gp, x, weight, mean, rstd, route[0],
                                                   route[1] if ctx.pool else None, ctx.pool,
@@ -330,7 +343,7 @@ def bn_relu_pool(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torc
                                f"extension error: {_ext_error})")
     elif backend != "torch":
         raise ValueError(f"bn_relu_pool: backend must be None, 'ext' or 'torch', got {backend!r}")
-    x = x.contiguous()
+    x = x.contiguous(memory_format=_layout(x) if backend == "ext" else torch.contiguous_format)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     out, mean, rstd, *_ = _BNReluPool.apply(x, weight, bias, float(eps), bool(pool), backend)

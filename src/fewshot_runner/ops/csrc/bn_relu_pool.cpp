@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -45,6 +44,7 @@ constexpr int64_t kBlock = 1024;  // per-plane sums: in T over blocks this long,
 struct Geo {
   int64_t N, C, H, W, Ho, Wo, HW, HoWo, P;  // P = N * C planes
   bool pool;
+  bool cl;                    // channels-last (N, H, W, C) memory
   double M;                   // elements per channel
 };
 
@@ -53,6 +53,8 @@ Geo geometry(const at::Tensor& x, bool pool) {
   Geo g;
   g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
   g.pool = pool;
+  // channels-last when x is laid out so and not also plain-contiguous (C == 1, or 1x1 maps: same memory)
+  g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   g.Ho = pool ? g.H / 2 : g.H;
   g.Wo = pool ? g.W / 2 : g.W;
   g.HW = g.H * g.W;
@@ -72,6 +74,21 @@ void check_same(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bn_relu_pool: ", name, " dtype ",
               t.scalar_type(), " != x dtype ", x.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "bn_relu_pool: ", name, " must be contiguous");
+}
+
+// Full-size tensors (x, grad_output, xsel, route, grad of grad_input): x's dtype and memory layout.
+void check_layout(const at::Tensor& t, const Geo& g, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "bn_relu_pool: ", name, " must be a CPU tensor");
+  if (t.scalar_type() != at::kByte)
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bn_relu_pool: ", name, " dtype ", t.scalar_type(),
+                " != x dtype ", x.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "bn_relu_pool: ", name, " must be 4-d");
+  TORCH_CHECK(g.cl ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous(), "bn_relu_pool: ", name,
+              " must be ", g.cl ? "channels-last" : "contiguous", " like x");
+}
+
+at::TensorOptions layout_options(const Geo& g, const at::Tensor& x) {
+  return x.options().memory_format(g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 // Parallel loop over planes; grain so that small inputs stay on one thread.
@@ -325,9 +342,440 @@ inline void select_plane(const Geo& g, const T* src, const uint8_t* ip, T* dst, 
 }
 
 // ------------------------------------------------------------------------------------- forward
+// Per-channel mean / rstd from per-(n, c) partials part[2 (n C + c) + {0, 1}] = (sum, M2 around the
+// partial's own mean, over HW values), combined exactly in a fixed order; sc, sh: y = x sc + sh.
+template <typename T>
+void channel_affine(const Geo& g, const std::vector<double>& part, const T* w, const T* b, double eps, T* mean_out,
+                    T* rstd_out, std::vector<T>& sc, std::vector<T>& sh) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    double s = 0;
+    for (int64_t n = 0; n < g.N; ++n) s += part[2 * (n * g.C + c)];
+    const double mean = s / g.M;
+    double q = 0;
+    for (int64_t n = 0; n < g.N; ++n) {
+      const double d = part[2 * (n * g.C + c)] / g.HW - mean;
+      q += part[2 * (n * g.C + c) + 1] + g.HW * d * d;
+    }
+    const double rstd = 1.0 / std::sqrt(q / g.M + eps);
+    mean_out[c] = static_cast<T>(mean);
+    rstd_out[c] = static_cast<T>(rstd);
+    const double wd = w ? static_cast<double>(w[c]) : 1.0;
+    const double bd = b ? static_cast<double>(b[c]) : 0.0;
+    sc[c] = static_cast<T>(wd * rstd);
+    sh[c] = static_cast<T>(bd - mean * wd * rstd);
+  }
+}
+
+// out = ca * u + cx * (x - mean) + c0 + cg * route(gp), per channel coefficients (u optional);
+// with g_gp: also g_gp = alive ? k1 * sel(u) + k2 * (xsel - mean) + k0 : 0.
+template <typename T>
+struct Coef {
+  T ca, cx, c0, cg, mean, k1, k2, k0;
+};
+
+// ------------------------------------------------------------------- channels-last (NHWC) kernels
+// x is (N, H, W, C) in memory (torch.channels_last).  Same math and the same per-(n, c) partials as
+// the plane kernels, but walked image by image (parallel over n) in memory order, with the inner
+// loops over the C channels of a pixel (vectorized; per-channel coefficients as arrays).  The inner
+// loops are the small __restrict functions below, so the compiler sees that nothing aliases.
+// Per-channel sums run sequentially over pixels, so they are kept in T over runs of only kBlockCl
+// pixels, then added in double.
+constexpr int64_t kBlockCl = 32;
+#define BRP_R __restrict
+
+template <typename F>
+inline void for_images(const Geo& g, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.HW * g.C));
+  at::parallel_for(0, g.N, grain, f);
+}
+
+// Pixels of pooled pixel (i, j) of image n: a, b (top row), c, d (bottom row), in pixels.
+struct Window {
+  int64_t a, b, c, d;
+};
+inline Window window(const Geo& g, int64_t n, int64_t i, int64_t j) {
+  const int64_t a = (n * g.H + 2 * i) * g.W + 2 * j;
+  return Window{a, a + 1, a + g.W, a + g.W + 1};
+}
+
+// Pixels of image n not covered by any 2x2 window (the last row / column of odd H / W).
+template <typename F>
+inline void for_uncovered(const Geo& g, int64_t n, const F& f) {
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t w = (h < 2 * g.Ho ? 2 * g.Wo : 0); w < g.W; ++w) f((n * g.H + h) * g.W + w);
+}
+
+template <typename T>
+inline T pick4(uint8_t k, T a, T b, T c, T d) {  // the value at route k (a for dead windows)
+  T v = a;  // (all four loaded, then selects: no branches, so the loops vectorize)
+  v = k == 1 ? b : v;
+  v = k == 2 ? c : v;
+  v = k == 3 ? d : v;
+  return v;
+}
+
+template <typename T>
+inline void cl_sum(T* BRP_R t, const T* BRP_R x, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) t[c] += x[c];
+}
+
+template <typename T>
+inline void cl_sum_dev(T* BRP_R tr, T* BRP_R tq, const T* BRP_R x, const T* BRP_R m, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const T d = x[c] - m[c];
+    tr[c] += d;
+    tq[c] += d * d;
+  }
+}
+
+template <typename T>
+inline void cl_sum_prod(T* BRP_R t1, T* BRP_R t2, const T* BRP_R h, const T* BRP_R x, const T* BRP_R m, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    t1[c] += h[c];
+    t2[c] += h[c] * (x[c] - m[c]);
+  }
+}
+
+// routed sums at one pooled pixel (pool) or pixel (no pool): g = alive ? gp : 0; sum g, g (x - m), g h
+template <typename T, bool POOL>
+inline void cl_routed(T* BRP_R ta, T* BRP_R tb, const T* BRP_R gp, const uint8_t* BRP_R ip, const T* BRP_R x,
+                      const T* BRP_R m, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const T gy = (POOL ? ip[c] < kDead : ip[c] != 0) ? gp[c] : T(0);
+    ta[c] += gy;
+    tb[c] += gy * (x[c] - m[c]);
+  }
+}
+
+template <typename T>
+inline void cl_routed_h(T* BRP_R ta, T* BRP_R tb, T* BRP_R tq, const T* BRP_R gp, const uint8_t* BRP_R ip,
+                        const T* BRP_R x, const T* BRP_R m, const T* BRP_R h, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const T gy = ip[c] ? gp[c] : T(0);
+    ta[c] += gy;
+    tb[c] += gy * (x[c] - m[c]);
+    tq[c] += gy * h[c];
+  }
+}
+
+template <typename T>
+inline void cl_routed_h4(T* BRP_R ta, T* BRP_R tb, T* BRP_R tq, const T* BRP_R gp, const uint8_t* BRP_R ip,
+                         const T* BRP_R xs, const T* BRP_R m, const T* BRP_R ha, const T* BRP_R hb,
+                         const T* BRP_R hc, const T* BRP_R hd, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t k = ip[c];
+    const T gy = k < kDead ? gp[c] : T(0);
+    ta[c] += gy;
+    tb[c] += gy * (xs[c] - m[c]);
+    const T va = ha[c], vb = hb[c], vc = hc[c], vd = hd[c];
+    tq[c] += gy * pick4(k, va, vb, vc, vd);
+  }
+}
+
+template <typename T>
+inline void cl_relu(T* BRP_R op, uint8_t* BRP_R ip, const T* BRP_R x, const T* BRP_R sc, const T* BRP_R sh,
+                    int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const T y = x[c] * sc[c] + sh[c];
+    op[c] = !(y <= T(0)) ? y : T(0);  // ReLU, NaN propagates
+    ip[c] = y > T(0) ? 1 : 0;
+  }
+}
+
+template <typename T>
+inline void cl_pool(T* BRP_R op, uint8_t* BRP_R ip, T* BRP_R xs, const T* BRP_R pa, const T* BRP_R pb,
+                    const T* BRP_R pc, const T* BRP_R pd, const T* BRP_R sc, const T* BRP_R sh, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = sc[c], h = sh[c];
+    const T xa = pa[c], xb = pb[c], xc = pc[c], xd = pd[c];
+    const T ya = xa * s + h, yb = xb * s + h, yc = xc * s + h, yd = xd * s + h;
+    // first maximum in row-major order a, b, c, d (strictly greater replaces); k kept in T
+    T mx = ya, xv = xa, k = T(0);
+    const bool cb = yb > mx;
+    mx = cb ? yb : mx; xv = cb ? xb : xv; k = cb ? T(1) : k;
+    const bool cc = yc > mx;
+    mx = cc ? yc : mx; xv = cc ? xc : xv; k = cc ? T(2) : k;
+    const bool cd = yd > mx;
+    mx = cd ? yd : mx; xv = cd ? xd : xv; k = cd ? T(3) : k;
+    const bool alive = mx > T(0);
+    op[c] = alive ? mx : (mx != mx ? mx : T(0));  // ReLU; NaN propagates
+    ip[c] = static_cast<uint8_t>(static_cast<int>(alive ? k : T(kDead)));
+    xs[c] = xv;
+  }
+}
+
+// dense output at one pixel: ca u + cx (x - m) + c0 [+ cg gp where the route is `want`]
+template <typename T, bool U, bool G>
+inline void cl_dense(T* BRP_R op, const T* BRP_R u, const T* BRP_R x, const T* BRP_R gp, const uint8_t* BRP_R ip,
+                     uint8_t want, const T* BRP_R ca, const T* BRP_R cx, const T* BRP_R c0, const T* BRP_R cg,
+                     const T* BRP_R m, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    T v = cx[c] * (x[c] - m[c]) + c0[c];
+    if constexpr (U) v += ca[c] * u[c];
+    if constexpr (G) v += ip[c] == want ? cg[c] * gp[c] : T(0);
+    op[c] = v;
+  }
+}
+
+// g_gp at one pooled pixel: alive ? k1 u_route + k2 (xs - m) + k0 : 0
+template <typename T, bool U>
+inline void cl_ggp4(T* BRP_R op, const uint8_t* BRP_R ip, const T* BRP_R xs, const T* BRP_R ua, const T* BRP_R ub,
+                    const T* BRP_R uc, const T* BRP_R ud, const T* BRP_R k1, const T* BRP_R k2, const T* BRP_R k0,
+                    const T* BRP_R m, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t k = ip[c];
+    T v = k2[c] * (xs[c] - m[c]) + k0[c];
+    if constexpr (U) {
+      const T va = ua[c], vb = ub[c], vc = uc[c], vd = ud[c];
+      v += k1[c] * pick4(k, va, vb, vc, vd);
+    }
+    op[c] = k < kDead ? v : T(0);
+  }
+}
+
+// g_gp at one pixel, no pool: alive ? k1 u + k2 (x - m) + k0 : 0
+template <typename T, bool U>
+inline void cl_ggp1(T* BRP_R op, const uint8_t* BRP_R ip, const T* BRP_R x, const T* BRP_R u, const T* BRP_R k1,
+                    const T* BRP_R k2, const T* BRP_R k0, const T* BRP_R m, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    T v = k2[c] * (x[c] - m[c]) + k0[c];
+    if constexpr (U) v += k1[c] * u[c];
+    op[c] = ip[c] ? v : T(0);
+  }
+}
+
+// part[2 (n C + c) + {0, 1}] = sum over the image of x, and of (x - image mean)^2.
+template <typename T>
+void stats_partials_cl(const Geo& g, const T* x, std::vector<double>& part) {
+  const int64_t C = g.C;
+  part.assign(g.P * 2, 0.0);
+  for_images(g, [&](int64_t n0, int64_t n1) {
+    std::vector<T> t(C), tr(C), m(C);
+    std::vector<double> s(C), q(C), r(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* xn = x + n * g.HW * C;
+      std::fill(s.begin(), s.end(), 0.0);
+      for (int64_t e0 = 0; e0 < g.HW; e0 += kBlockCl) {
+        const int64_t e1 = std::min(g.HW, e0 + kBlockCl);
+        std::fill(t.begin(), t.end(), T(0));
+        for (int64_t e = e0; e < e1; ++e) cl_sum<T>(t.data(), xn + e * C, C);
+        for (int64_t c = 0; c < C; ++c) s[c] += t[c];
+      }
+      for (int64_t c = 0; c < C; ++c) m[c] = static_cast<T>(s[c] / g.HW);
+      std::fill(q.begin(), q.end(), 0.0);
+      std::fill(r.begin(), r.end(), 0.0);
+      for (int64_t e0 = 0; e0 < g.HW; e0 += kBlockCl) {
+        const int64_t e1 = std::min(g.HW, e0 + kBlockCl);
+        std::fill(t.begin(), t.end(), T(0));
+        std::fill(tr.begin(), tr.end(), T(0));
+        for (int64_t e = e0; e < e1; ++e) cl_sum_dev<T>(tr.data(), t.data(), xn + e * C, m.data(), C);
+        for (int64_t c = 0; c < C; ++c) {
+          q[c] += t[c];
+          r[c] += tr[c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        part[2 * (n * C + c)] = s[c];
+        part[2 * (n * C + c) + 1] = q[c] - r[c] * r[c] / g.HW;
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward_kernel_cl(const Geo& g, const T* x, const T* w, const T* b, double eps, T* out, T* mean_out,
+                       T* rstd_out, uint8_t* idx, T* xsel) {
+  const int64_t C = g.C;
+  std::vector<double> part;
+  stats_partials_cl<T>(g, x, part);
+  std::vector<T> scv(C), shv(C);
+  channel_affine<T>(g, part, w, b, eps, mean_out, rstd_out, scv, shv);
+  const T* sc = scv.data();
+  const T* sh = shv.data();
+  for_images(g, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!g.pool) {
+        for (int64_t e = n * g.HW; e < (n + 1) * g.HW; ++e) cl_relu<T>(out + e * C, idx + e * C, x + e * C, sc, sh, C);
+        continue;
+      }
+      for (int64_t i = 0; i < g.Ho; ++i)
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          const Window win = window(g, n, i, j);
+          const int64_t o = ((n * g.Ho + i) * g.Wo + j) * C;
+          cl_pool<T>(out + o, idx + o, xsel + o, x + win.a * C, x + win.b * C, x + win.c * C, x + win.d * C, sc, sh, C);
+        }
+    }
+  });
+}
+
+// Per-(n, c) partials of sum(g), sum(g (x - mean)) and, with h (a full-size tensor), sum(g h_route),
+// g = route(gp), from the pooled tensors (pool: xsel) or the full ones, into part[K (n C + c) + ia / ib / iq].
+template <typename T>
+void routed_partials_cl(const Geo& g, const T* gp, const T* x, const uint8_t* idx, const T* xsel, const T* mean_,
+                        const T* h, int K, int ia, int ib, int iq, std::vector<double>& part) {
+  const int64_t C = g.C;
+  const int64_t npix = g.pool ? g.HoWo : g.HW;
+  const T* xr = g.pool ? xsel : x;
+  for_images(g, [&](int64_t n0, int64_t n1) {
+    std::vector<T> ta(C), tb(C), tq(C);
+    std::vector<double> a(C), b(C), q(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(a.begin(), a.end(), 0.0);
+      std::fill(b.begin(), b.end(), 0.0);
+      std::fill(q.begin(), q.end(), 0.0);
+      for (int64_t f0 = 0; f0 < npix; f0 += kBlockCl) {
+        const int64_t f1 = std::min(npix, f0 + kBlockCl);
+        std::fill(ta.begin(), ta.end(), T(0));
+        std::fill(tb.begin(), tb.end(), T(0));
+        std::fill(tq.begin(), tq.end(), T(0));
+        for (int64_t f = f0; f < f1; ++f) {
+          const int64_t o = (n * npix + f) * C;
+          if (!h) {
+            if (g.pool)
+              cl_routed<T, true>(ta.data(), tb.data(), gp + o, idx + o, xr + o, mean_, C);
+            else
+              cl_routed<T, false>(ta.data(), tb.data(), gp + o, idx + o, xr + o, mean_, C);
+          } else if (!g.pool) {
+            cl_routed_h<T>(ta.data(), tb.data(), tq.data(), gp + o, idx + o, xr + o, mean_, h + o, C);
+          } else {
+            const Window win = window(g, n, f / g.Wo, f % g.Wo);
+            cl_routed_h4<T>(ta.data(), tb.data(), tq.data(), gp + o, idx + o, xr + o, mean_, h + win.a * C,
+                            h + win.b * C, h + win.c * C, h + win.d * C, C);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          a[c] += ta[c];
+          b[c] += tb[c];
+          q[c] += tq[c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        double* pp = part.data() + K * (n * C + c);
+        pp[ia] = a[c];
+        pp[ib] = b[c];
+        if (h) pp[iq] = q[c];
+      }
+    }
+  });
+}
+
+// part[K (n C + c) + i1 / i2] = sum(h), sum(h (x - mean)) over the full image.
+template <typename T>
+void plain_partials_cl(const Geo& g, const T* h, const T* x, const T* mean_, int K, int i1, int i2,
+                       std::vector<double>& part) {
+  const int64_t C = g.C;
+  for_images(g, [&](int64_t n0, int64_t n1) {
+    std::vector<T> t1(C), t2(C);
+    std::vector<double> s1(C), s2(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(s1.begin(), s1.end(), 0.0);
+      std::fill(s2.begin(), s2.end(), 0.0);
+      for (int64_t e0 = 0; e0 < g.HW; e0 += kBlockCl) {
+        const int64_t e1 = std::min(g.HW, e0 + kBlockCl);
+        std::fill(t1.begin(), t1.end(), T(0));
+        std::fill(t2.begin(), t2.end(), T(0));
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t o = (n * g.HW + e) * C;
+          cl_sum_prod<T>(t1.data(), t2.data(), h + o, x + o, mean_, C);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          s1[c] += t1[c];
+          s2[c] += t2[c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        double* pp = part.data() + K * (n * C + c);
+        pp[i1] = s1[c];
+        pp[i2] = s2[c];
+      }
+    }
+  });
+}
+
+// The dense pass of dense_pass() below, channels-last: out = ca u + cx (x - mean) + c0 + cg route(gp);
+// g_gp = alive ? k1 sel(u) + k2 (xsel - mean) + k0 : 0.
+template <typename T>
+void dense_pass_cl(const Geo& g, const T* u, const T* x, const T* gp, const uint8_t* idx, const T* xsel,
+                   const std::vector<Coef<T>>& co, T* out, T* g_gp) {
+  const int64_t C = g.C;
+  std::vector<T> v(8 * C);  // structure of arrays: ca, cx, c0, cg, mean, k1, k2, k0
+  for (int64_t c = 0; c < C; ++c) {
+    const Coef<T>& k = co[c];
+    const T vals[8] = {k.ca, k.cx, k.c0, k.cg, k.mean, k.k1, k.k2, k.k0};
+    for (int i = 0; i < 8; ++i) v[i * C + c] = vals[i];
+  }
+  const T *ca = v.data(), *cx = ca + C, *c0 = cx + C, *cg = c0 + C, *mn = cg + C, *k1 = mn + C, *k2 = k1 + C,
+          *k0 = k2 + C;
+  // out at pixel e, with the gradient routed there where the route is `want` (gpp == nullptr: none)
+  auto dense = [&](int64_t e, const T* gpp, const uint8_t* ip, uint8_t want) {
+    T* op = out + e * C;
+    const T* xp = x + e * C;
+    if (u && gpp)
+      cl_dense<T, true, true>(op, u + e * C, xp, gpp, ip, want, ca, cx, c0, cg, mn, C);
+    else if (gpp)
+      cl_dense<T, false, true>(op, nullptr, xp, gpp, ip, want, ca, cx, c0, cg, mn, C);
+    else if (u)
+      cl_dense<T, true, false>(op, u + e * C, xp, nullptr, nullptr, 0, ca, cx, c0, cg, mn, C);
+    else
+      cl_dense<T, false, false>(op, nullptr, xp, nullptr, nullptr, 0, ca, cx, c0, cg, mn, C);
+  };
+  for_images(g, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!g.pool) {
+        for (int64_t e = n * g.HW; e < (n + 1) * g.HW; ++e) {
+          const int64_t o = e * C;
+          if (out) dense(e, gp + o, idx + o, 1);
+          if (g_gp) {
+            if (u)
+              cl_ggp1<T, true>(g_gp + o, idx + o, x + o, u + o, k1, k2, k0, mn, C);
+            else
+              cl_ggp1<T, false>(g_gp + o, idx + o, x + o, nullptr, k1, k2, k0, mn, C);
+          }
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < g.Ho; ++i)
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          const Window win = window(g, n, i, j);
+          const int64_t o = ((n * g.Ho + i) * g.Wo + j) * C;
+          if (out) {
+            dense(win.a, gp + o, idx + o, 0);
+            dense(win.b, gp + o, idx + o, 1);
+            dense(win.c, gp + o, idx + o, 2);
+            dense(win.d, gp + o, idx + o, 3);
+          }
+          if (g_gp) {
+            if (u)
+              cl_ggp4<T, true>(g_gp + o, idx + o, xsel + o, u + win.a * C, u + win.b * C, u + win.c * C,
+                               u + win.d * C, k1, k2, k0, mn, C);
+            else
+              cl_ggp4<T, false>(g_gp + o, idx + o, xsel + o, nullptr, nullptr, nullptr, nullptr, k1, k2, k0, mn, C);
+          }
+        }
+      if (out) for_uncovered(g, n, [&](int64_t e) { dense(e, nullptr, nullptr, 0); });
+    }
+  });
+}
+#undef BRP_R
+
 template <typename T>
 void forward_kernel(const Geo& g, const T* x, const T* w, const T* b, double eps, T* out, T* mean_out,
                     T* rstd_out, uint8_t* idx, T* xsel) {
+  if (g.cl) {
+    forward_kernel_cl<T>(g, x, w, b, eps, out, mean_out, rstd_out, idx, xsel);
+    return;
+  }
   // per plane: sum and sum of squared deviations from the plane mean (second pass from L1)
   std::vector<double> part(g.P * 2);
   for_planes(g, [&](int64_t p0, int64_t p1) {
@@ -361,25 +809,8 @@ void forward_kernel(const Geo& g, const T* x, const T* w, const T* b, double eps
       part[2 * p + 1] = q;
     }
   });
-  // channel mean, then variance = sum of plane M2 + HW * (plane mean - mean)^2 (exact combination)
   std::vector<T> sc(g.C), sh(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    double s = 0;
-    for (int64_t n = 0; n < g.N; ++n) s += part[2 * (n * g.C + c)];
-    const double mean = s / g.M;
-    double q = 0;
-    for (int64_t n = 0; n < g.N; ++n) {
-      const double d = part[2 * (n * g.C + c)] / g.HW - mean;
-      q += part[2 * (n * g.C + c) + 1] + g.HW * d * d;
-    }
-    const double rstd = 1.0 / std::sqrt(q / g.M + eps);
-    mean_out[c] = static_cast<T>(mean);
-    rstd_out[c] = static_cast<T>(rstd);
-    const double wd = w ? static_cast<double>(w[c]) : 1.0;
-    const double bd = b ? static_cast<double>(b[c]) : 0.0;
-    sc[c] = static_cast<T>(wd * rstd);
-    sh[c] = static_cast<T>(bd - mean * wd * rstd);
-  }
+  channel_affine<T>(g, part, w, b, eps, mean_out, rstd_out, sc, sh);
   for_planes(g, [&](int64_t p0, int64_t p1) {
     Scratch<T> scratch(g);
     for (int64_t p = p0; p < p1; ++p) {
@@ -409,6 +840,10 @@ template <typename T>
 void routed_partials(const Geo& g, const T* gp, const T* x, const uint8_t* idx, const T* xsel, const T* mean_,
                      std::vector<double>& part) {
   part.assign(g.P * 2, 0.0);
+  if (g.cl) {
+    routed_partials_cl<T>(g, gp, x, idx, xsel, mean_, nullptr, 2, 0, 1, -1, part);
+    return;
+  }
   for_planes(g, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const double mean = mean_[p % g.C];
@@ -446,16 +881,13 @@ void routed_partials(const Geo& g, const T* gp, const T* x, const uint8_t* idx, 
   });
 }
 
-// out = ca * u + cx * (x - mean) + c0 + cg * route(gp), per channel coefficients (u optional);
-// with g_gp: also g_gp = alive ? k1 * sel(u) + k2 * (xsel - mean) + k0 : 0.
-template <typename T>
-struct Coef {
-  T ca, cx, c0, cg, mean, k1, k2, k0;
-};
-
 template <typename T>
 void dense_pass(const Geo& g, const T* u, const T* x, const T* gp, const uint8_t* idx, const T* xsel,
                 const std::vector<Coef<T>>& co, T* out, T* g_gp) {
+  if (g.cl) {
+    dense_pass_cl<T>(g, u, x, gp, idx, xsel, co, out, g_gp);
+    return;
+  }
   for_planes(g, [&](int64_t p0, int64_t p1) {
     Scratch<T> s(g);
     for (int64_t p = p0; p < p1; ++p) {
@@ -546,6 +978,10 @@ void double_backward_kernel(const Geo& g, const T* ggx, const T* ggw, const T* g
   // per plane: sum(g), sum(g (x - mean)), sum(ggx), sum(ggx (x - mean)), sum(g ggx)
   const int K = 5;
   std::vector<double> part(g.P * K, 0.0), sums;
+  if (g.cl) {
+    routed_partials_cl<T>(g, gp, x, idx, xsel, mean_, ggx, K, 0, 1, 4, part);
+    if (ggx) plain_partials_cl<T>(g, ggx, x, mean_, K, 2, 3, part);
+  } else
   for_planes(g, [&](int64_t p0, int64_t p1) {
     Scratch<T> s(g);
     for (int64_t p = p0; p < p1; ++p) {
@@ -656,21 +1092,28 @@ void check_opt(const std::optional<at::Tensor>& t, const at::Tensor& x, const ch
 // ----------------------------------------------------------------------------------- bindings
 void check_route(const Geo& g, const at::Tensor& x, const at::Tensor& gp, const at::Tensor& idx,
                  const std::optional<at::Tensor>& xsel) {
-  check_same(gp, x, "grad_output");
+  check_layout(gp, g, x, "grad_output");
   TORCH_CHECK(gp.numel() == g.P * g.HoWo, "bn_relu_pool: grad_output has ", gp.numel(), " elements, expected ",
               g.P * g.HoWo);
-  TORCH_CHECK(idx.scalar_type() == at::kByte && idx.is_contiguous() && idx.numel() == gp.numel(),
-              "bn_relu_pool: bad route tensor");
+  TORCH_CHECK(idx.scalar_type() == at::kByte && idx.numel() == gp.numel(), "bn_relu_pool: bad route tensor");
+  check_layout(idx, g, x, "route");
   if (g.pool) {
     TORCH_CHECK(xsel.has_value() && xsel->defined(), "bn_relu_pool: pool needs xsel");
-    check_same(*xsel, x, "xsel");
+    check_layout(*xsel, g, x, "xsel");
     TORCH_CHECK(xsel->numel() == gp.numel(), "bn_relu_pool: bad xsel shape");
   }
 }
 
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "bn_relu_pool: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, "bn_relu_pool: x must be 4-d (N, C, H, W), got ", x.dim(), "-d");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "bn_relu_pool: x must be contiguous or channels-last contiguous");
+}
+
 void check_stats(const Geo& g, const at::Tensor& x, const std::optional<at::Tensor>& w, const at::Tensor& mean,
                  const at::Tensor& rstd) {
-  check_same(x, x, "x");
+  check_x(x);
   check_opt(w, x, "weight");
   check_same(mean, x, "mean");
   check_same(rstd, x, "rstd");
@@ -680,17 +1123,18 @@ void check_stats(const Geo& g, const at::Tensor& x, const std::optional<at::Tens
 
 std::vector<at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
                                 const std::optional<at::Tensor>& b, double eps, bool pool) {
-  check_same(x, x, "x");
+  check_x(x);
   const Geo g = geometry(x, pool);
   check_opt(w, x, "weight");
   check_opt(b, x, "bias");
   if (w.has_value() && w->defined()) TORCH_CHECK(w->numel() == g.C, "bn_relu_pool: bad weight shape");
   if (b.has_value() && b->defined()) TORCH_CHECK(b->numel() == g.C, "bn_relu_pool: bad bias shape");
-  auto out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
+  const auto full = layout_options(g, x);
+  auto out = at::empty({g.N, g.C, g.Ho, g.Wo}, full);
   auto mean = at::empty({g.C}, x.options());
   auto rstd = at::empty({g.C}, x.options());
-  auto idx = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().dtype(at::kByte));
-  at::Tensor xsel = pool ? at::empty({g.N, g.C, g.Ho, g.Wo}, x.options()) : at::Tensor();
+  auto idx = at::empty({g.N, g.C, g.Ho, g.Wo}, full.dtype(at::kByte));
+  at::Tensor xsel = pool ? at::empty({g.N, g.C, g.Ho, g.Wo}, full) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_forward", [&] {
     forward_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), opt_ptr<scalar_t>(w), opt_ptr<scalar_t>(b), eps,
                              out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
@@ -706,7 +1150,7 @@ std::vector<at::Tensor> backward(const at::Tensor& gp, const at::Tensor& x, cons
   const Geo g = geometry(x, pool);
   check_stats(g, x, w, mean, rstd);
   check_route(g, x, gp, idx, xsel);
-  at::Tensor gx = need_gx ? at::empty_like(x) : at::Tensor();
+  at::Tensor gx = need_gx ? at::empty(x.sizes(), layout_options(g, x)) : at::Tensor();
   auto gw = at::empty({g.C}, x.options());
   auto gb = at::empty({g.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward", [&] {
@@ -727,15 +1171,15 @@ std::vector<at::Tensor> double_backward(const std::optional<at::Tensor>& ggx, co
   const Geo g = geometry(x, pool);
   check_stats(g, x, w, mean, rstd);
   check_route(g, x, gp, idx, xsel);
-  check_opt(ggx, x, "grad of grad_input");
+  if (ggx.has_value() && ggx->defined()) check_layout(*ggx, g, x, "grad of grad_input");
   check_opt(ggw, x, "grad of grad_weight");
   check_opt(ggb, x, "grad of grad_bias");
   if (ggx.has_value() && ggx->defined())
     TORCH_CHECK(ggx->numel() == x.numel(), "bn_relu_pool: bad grad-of-grad_input shape");
   if (ggw.has_value() && ggw->defined()) TORCH_CHECK(ggw->numel() == g.C, "bn_relu_pool: bad grad-of-grad_weight");
   if (ggb.has_value() && ggb->defined()) TORCH_CHECK(ggb->numel() == g.C, "bn_relu_pool: bad grad-of-grad_bias");
-  at::Tensor g_gp = need_ggp ? at::empty_like(gp) : at::Tensor();
-  at::Tensor g_x = need_gx ? at::empty_like(x) : at::Tensor();
+  at::Tensor g_gp = need_ggp ? at::empty(gp.sizes(), layout_options(g, x)) : at::Tensor();
+  at::Tensor g_x = need_gx ? at::empty(x.sizes(), layout_options(g, x)) : at::Tensor();
   at::Tensor g_w = need_gw ? at::empty({g.C}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward", [&] {
     double_backward_kernel<scalar_t>(g, opt_ptr<scalar_t>(ggx), opt_ptr<scalar_t>(ggw), opt_ptr<scalar_t>(ggb),
