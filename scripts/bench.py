@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -404,11 +405,14 @@ def package_grads(case: Case, algo, runtime, episodes, dtype):
     algo = algo.to(dtype)
     n_out = case.n_way if case.workload == "maml" else None
     load_weights(algo, make_weights(n_out, HIDDEN))
-    algo.zero_grad(set_to_none=True)
     episodes = episodes.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t)
-    with runtime.autocast() if dtype == torch.float32 else contextlib.nullcontext():  # (bf16 autocast: fp32 only)
-        loss, _ = algo.meta_loss(episodes)
-    return [g.detach() for g in torch.autograd.grad(loss, tuple(algo.parameters()))]
+    if dtype != torch.float32:  # (bf16 autocast: fp32 only)
+        runtime = dataclasses.replace(runtime, autocast_dtype=None)
+    # the engine's own outer step (task threads included), with an optimizer that moves nothing
+    from fewshot_runner.engine.run import gradient_outer_step
+
+    gradient_outer_step(algo, torch.optim.SGD(algo.parameters(), lr=0.0), episodes, runtime, None, None)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in algo.parameters()]
 
 
 def relative_errors(got, ref) -> tuple[float, float]:

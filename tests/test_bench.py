@@ -43,3 +43,17 @@ def test_bench_rejects_an_unknown_case_by_name(tmp_path):
     proc, out = run_bench(tmp_path, "--cases", "maml_typo", "--iters", "1")
     assert proc.returncode == 2 and "unknown case(s) maml_typo" in proc.stdout
     assert not out.exists()
+
+
+def test_step_time_prints_one_row_per_setting_and_names_a_failing_one(tmp_path):
+    script = str(REPO / "scripts" / "step_time.py")
+    common = ["--backbone", "conv4_strided", "--n-query", "1", "--tasks", "2", "--warmup", "0", "--iters", "1",
+              "--threads", "1"]
+    proc = subprocess.run([sys.executable, script, *common, "device.batch_tasks=off", "device.batch_tasks=on"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "device.batch_tasks=off" in proc.stdout and "device.batch_tasks=on" in proc.stdout
+    assert "1.00x" in proc.stdout  # the first setting against itself
+    bad = subprocess.run([sys.executable, script, *common, "device.batch_tasks=maybe"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "setting 'device.batch_tasks=maybe' failed" in bad.stderr

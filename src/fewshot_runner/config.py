@@ -89,6 +89,7 @@ class DeviceConfig:
     fused_ops: str = "auto"  # fused BN+ReLU+max-pool kernels: off | on | auto
     batch_tasks: str = "auto"  # MAML: vmap over tasks: off | on | auto (on for CUDA)
     channels_last: str = "auto"  # NHWC convolutions: off | on | auto (on for CPU; true/false also accepted)
+    task_threads: str = "auto"  # MAML on CPU: tasks of a batch in N threads of 1 core each; auto | N
     compile: bool = False
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     tune_allocator: bool = True  # the launcher re-execs with glibc malloc thresholds set

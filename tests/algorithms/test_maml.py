@@ -161,13 +161,13 @@ def test_vmapped_tasks_give_the_loop_meta_gradient_in_float64(first_order):
             assert b.abs().max().item() < 1e-12, name
 
 
-def test_vmapped_meta_gradient_on_conv4_matches_the_loop_in_float64():
-    """The real backbone (ReLU, max-pool; the fused op must stand aside under vmap)."""
-    from fewshot_runner.backbones.conv import Conv4
-
+@pytest.mark.parametrize("pool", [True, False], ids=["maxpool", "strided"])
+def test_vmapped_meta_gradient_on_conv4_matches_the_loop_in_float64(pool):
+    """The real backbones (ReLU, max-pool or stride 2; the fused op must stand aside under vmap)."""
     eps = make_episodes(n_tasks=2, size=16)
-    loop = MAML(_conv4(), n_way=3, feature_dim=4, inner_lr=0.3, inner_steps=1).double()
-    batched = MAML(_conv4(), n_way=3, feature_dim=4, inner_lr=0.3, inner_steps=1, batch_tasks="on").double()
+    dim = 4  # 16x16 -> 1x1 maps of 4 channels, pooled or strided
+    loop = MAML(_conv4(pool), n_way=3, feature_dim=dim, inner_lr=0.3, inner_steps=1).double()
+    batched = MAML(_conv4(pool), n_way=3, feature_dim=dim, inner_lr=0.3, inner_steps=1, batch_tasks="on").double()
     batched.load_state_dict(loop.state_dict())
     _, _, ga = grads_of(loop, eps)
     _, _, gb = grads_of(batched, eps)
@@ -177,11 +177,11 @@ def test_vmapped_meta_gradient_on_conv4_matches_the_loop_in_float64():
         torch.testing.assert_close(batched.predict(eps), loop.predict(eps), rtol=1e-9, atol=1e-12)
 
 
-def _conv4():
+def _conv4(pool=True, size=16):
     from fewshot_runner.backbones.conv import Conv4
 
     torch.manual_seed(0)
-    return Conv4((1, 16, 16), hidden=4, pool=True, fused_ops="auto")
+    return Conv4((1, size, size), hidden=4, pool=pool, fused_ops="auto")
 
 
 def test_vmapped_predict_builds_no_outer_graph():
@@ -197,9 +197,17 @@ def test_vmapped_predict_builds_no_outer_graph():
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_batch_tasks_auto_is_the_loop_on_cpu_and_a_bad_value_is_refused():
-    maml = make_maml()
-    maml.batch_tasks = "auto"
-    assert not maml._batched(make_episodes())
+def test_batch_tasks_auto_on_cpu_and_a_bad_value_is_refused():
+    """auto on CPU: vmap only for small tasks on a net without max-pool blocks (measured, docs/speed.md)."""
+    small = make_episodes(n_tasks=2, n_way=5, n_shot=1, n_query=1, size=16)  # 10 images per task
+    large = make_episodes(n_tasks=2, n_way=5, n_shot=1, n_query=15, size=16)  # 80
+    strided = MAML(_conv4(pool=False), n_way=5, feature_dim=4, batch_tasks="auto")
+    maxpool = MAML(_conv4(pool=True), n_way=5, feature_dim=4, batch_tasks="auto")
+    assert strided._batched(small) and not strided._batched(large)
+    assert not maxpool._batched(small) and not maxpool._batched(large)
+    strided.batch_tasks = "off"
+    assert not strided._batched(small)
+    maxpool.batch_tasks = "on"
+    assert maxpool._batched(large)
     with pytest.raises(UserError, match="batch_tasks"):
         MAML(SmoothConv(), n_way=3, feature_dim=12, batch_tasks="yes")

@@ -74,6 +74,11 @@ def disable_running_stats(module: nn.Module) -> None:
             m.num_batches_tracked = None
 
 
+# device.batch_tasks=auto on CPU: vmap over tasks pays for tasks this small (strided Omniglot net,
+# 32-task steps, measured here: 10 images per task 1.9x the loop, 20: 1.55x, 30: 1.5x, 80: 0.86x).
+CPU_VMAP_MAX_IMAGES = 32
+
+
 class MAML(nn.Module):
     """backbone + linear head (n_way outputs), adapted per task by ``inner_steps`` SGD steps.
 
@@ -81,11 +86,14 @@ class MAML(nn.Module):
     Batch norm uses the batch statistics of the data it sees (support in the inner loop,
     query for the outer loss), in training and at test time, as in the paper.
 
-    batch_tasks: ``off`` adapts task after task (the plain loop; on CPU the fastest, with the
-    fused kernels); ``on`` adapts all tasks of a batch at once with ``torch.func.vmap``
-    (:func:`adapt_batched`; for GPUs; memory grows with the tasks per chunk, see
-    ``train.task_chunk``); ``auto``: ``on`` for CUDA tensors, ``off`` otherwise.  Both compute the
-    same meta-gradient (tests/algorithms/test_maml.py checks it in float64).
+    batch_tasks: ``off`` adapts task after task (the plain loop); ``on`` adapts all tasks of a
+    batch at once with ``torch.func.vmap`` (:func:`adapt_batched`; memory grows with the tasks per
+    chunk, see ``train.task_chunk``); ``auto``: ``on`` for CUDA tensors; on CPU ``on`` only for small
+    tasks (at most ``CPU_VMAP_MAX_IMAGES`` support + query images) on a backbone without max-pool
+    blocks, where the per-task loop is dominated by per-op overhead (the MAML paper's strided
+    Omniglot net, 1 query per class: vmap 340 vs loop 650 ms per 32-task step here), else ``off``
+    (with 15 queries per class, or with the fused max-pool kernels, the loop is faster: docs/speed.md).
+    Both compute the same meta-gradient (tests/algorithms/test_maml.py checks it in float64).
     """
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: float = 0.4,
@@ -100,11 +108,20 @@ class MAML(nn.Module):
         disable_running_stats(self.net)
         make_transform_safe(self.net)  # batch norm from primitives under vmap (correct second order)
         self.batch_tasks = batch_tasks
+        # (ConvBlock.pool: max-pool blocks, where the fused kernels make the per-task loop faster)
+        self._cpu_vmap_ok = not any(getattr(m, "pool", False) is True for m in backbone.modules())
         self.n_way = n_way
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
+
+    # the meta-loss is a mean of per-task losses that share nothing but the weights: the engine may
+    # split a batch's tasks over threads (device.task_threads) when they run one by one
+    independent_tasks = True
+
+    def runs_tasks_one_by_one(self, episodes: Episode) -> bool:
+        return not self._batched(episodes)
 
     def meta_params(self) -> Params:
         return dict(self.net.named_parameters())
@@ -117,7 +134,12 @@ class MAML(nn.Module):
         return cross_entropy(logits, ep.query_y), logits
 
     def _batched(self, episodes: Episode) -> bool:
-        return self.batch_tasks == "on" or (self.batch_tasks == "auto" and episodes.support_x.is_cuda)
+        if self.batch_tasks != "auto":
+            return self.batch_tasks == "on"
+        if episodes.support_x.is_cuda:
+            return True
+        per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
+        return self._cpu_vmap_ok and per_task <= CPU_VMAP_MAX_IMAGES
 
     def meta_loss(self, episodes: Episode):
         params = self.meta_params()

@@ -1,0 +1,91 @@
+"""device.task_threads: a MAML meta-batch split over worker threads gives the one-thread step's
+meta-gradient (float64) and the same bits on every run (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewshot_runner.algorithms.maml import MAML
+from fewshot_runner.backbones.conv import Conv4
+from fewshot_runner.engine.device import Runtime, resolve_runtime
+from fewshot_runner.engine.run import gradient_outer_step, task_threads_for
+from fewshot_runner.episode import Episode
+from fewshot_runner.errors import UserError
+
+
+def episodes(n_tasks=5, n_way=3, n_query=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(n_tasks, n_way, 1, 16, 16, generator=g, dtype=dtype)
+    qx = torch.rand(n_tasks, n_way * n_query, 1, 16, 16, generator=g, dtype=dtype)
+    sy = torch.arange(n_way).repeat(n_tasks, 1)
+    qy = torch.arange(n_way).repeat_interleave(n_query).repeat(n_tasks, 1)
+    return Episode(sx, sy, qx, qy, n_way)
+
+
+def maml(dtype=torch.float64, pool=True):
+    torch.manual_seed(0)
+    net = Conv4((1, 16, 16), hidden=4, pool=pool, fused_ops="auto")
+    return MAML(net, n_way=3, feature_dim=4, inner_lr=0.3, inner_steps=1, batch_tasks="off").to(dtype)
+
+
+def step_grads(algo, eps, threads):
+    rt = Runtime(torch.device("cpu"), None, False, task_threads=threads)
+    opt = torch.optim.SGD(algo.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they are
+    metrics = gradient_outer_step(algo, opt, eps, rt, None, None)
+    return [p.grad.clone() for p in algo.parameters()], metrics
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_meta_gradient_equals_one_thread_in_float64(threads):
+    eps = episodes(n_tasks=5)  # 5 tasks over 2 or 3 threads: unequal groups
+    algo = maml()
+    ref, ref_m = step_grads(algo, eps, 1)
+    assert task_threads_for(algo, eps, Runtime(torch.device("cpu"), None, False, task_threads=threads)) == threads
+    got, got_m = step_grads(algo, eps, threads)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert got_m["loss"] == pytest.approx(ref_m["loss"], rel=1e-12)
+    assert got_m["acc"] == pytest.approx(ref_m["acc"], rel=1e-6)  # (accuracy is averaged in float32)
+
+
+def test_threaded_step_is_bitwise_repeatable_in_fp32_and_trains_the_real_weights():
+    eps = episodes(n_tasks=6, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        algo = maml(torch.float32)
+        before = [p.detach().clone() for p in algo.parameters()]
+        rt = Runtime(torch.device("cpu"), None, False, task_threads=2)
+        opt = torch.optim.Adam(algo.parameters(), lr=1e-2)
+        for _ in range(2):
+            gradient_outer_step(algo, opt, eps, rt, None, None)
+        after = [p.detach().clone() for p in algo.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the step moved the weights
+        runs.append(after)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_task_threads_stand_aside_for_vmap_cuda_and_batch_wide_learners():
+    eps = episodes(n_tasks=4)
+    rt = Runtime(torch.device("cpu"), None, False, task_threads=2)
+    algo = maml()
+    assert task_threads_for(algo, eps, rt) == 2
+    algo.batch_tasks = "on"  # vmapped tasks: one call for the batch
+    assert task_threads_for(algo, eps, rt) == 1
+
+    class BatchWide(torch.nn.Module):  # e.g. ProtoNet: batch norm over the whole batch
+        pass
+
+    assert task_threads_for(BatchWide(), eps, rt) == 1
+    assert task_threads_for(maml(), eps.tasks(0, 1), rt) == 1  # one task
+
+
+def test_task_threads_setting(compose_cfg):
+    cfg = compose_cfg(["data=synthetic", "device=cpu"])
+    assert resolve_runtime(cfg.device).task_threads == torch.get_num_threads()  # auto on CPU
+    cfg = compose_cfg(["data=synthetic", "device=cpu", "device.task_threads=3"])
+    assert resolve_runtime(cfg.device).task_threads == 3
+    cfg = compose_cfg(["data=synthetic", "device=cpu", "device.task_threads=0"])
+    with pytest.raises(UserError, match="device.task_threads='0' is not auto or a whole number >= 1"):
+        resolve_runtime(cfg.device)
