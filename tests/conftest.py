@@ -70,3 +70,13 @@ def cli(tmp_path):
         return run_cli(list(args), kw.pop("cwd", tmp_path), **kw)
 
     return _run
+
+
+def pytest_runtest_setup(item):
+    """One convention for `gpu`-marked tests (deselected by default): selected without a CUDA GPU,
+    they fail with a message, never skip silently."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail("the gpu tests need a CUDA GPU visible to torch (run them with -m gpu on a GPU machine)")

@@ -247,7 +247,6 @@ def test_third_order_is_refused(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_uses_torch_ops_and_matches():
     x, w, b = (t.detach().cuda().requires_grad_() for t in make_inputs((6, 4, 10, 10), torch.float64))
     got = all_orders(lambda *a, **k: bn_relu_pool(*a, **k), x, w, b, True)
