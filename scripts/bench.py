@@ -70,7 +70,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+from fewshot_runner.cli import ALLOCATOR_ENV  # the launcher's setting (imports no torch)
+
 RESULT_PREFIX = "BENCH_RESULT "
 SEED_WEIGHTS, SEED_DATA, SEED_EPISODES = 0, 0, 1
 INNER_LR, OUTER_LR = 0.4, 1e-3

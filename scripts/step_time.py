@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+from fewshot_runner.cli import ALLOCATOR_ENV  # what the fewshot launcher sets for itself (imports no torch)
+
 PREFIX = "STEP_TIME "
 
 

@@ -89,3 +89,15 @@ def test_task_threads_setting(compose_cfg):
     cfg = compose_cfg(["data=synthetic", "device=cpu", "device.task_threads=0"])
     with pytest.raises(UserError, match="device.task_threads='0' is not auto or a whole number >= 1"):
         resolve_runtime(cfg.device)
+
+
+def test_replicas_follow_settings_changed_on_the_learner():
+    """A setting changed after the first threaded step (here inner_lr) reaches the workers' replicas."""
+    eps = episodes(n_tasks=4)
+    algo = maml()
+    step_grads(algo, eps, 2)  # builds the replicas
+    algo.inner_lr = 0.05
+    got, _ = step_grads(algo, eps, 2)
+    ref, _ = step_grads(algo, eps, 1)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -197,7 +197,13 @@ def task_threads_for(algo, episodes: Episode, runtime: Runtime) -> int:
 
 
 def _share_parameters(replica: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Point the replica's parameters and buffers at the original's tensors (each module keeps its
+    own dicts: functional_call swaps entries in them) and copy its plain settings (``training``,
+    ``batch_tasks``, ``inner_lr``, ...), so a setting changed on the learner reaches its replicas."""
     for (_, a), (_, b) in zip(replica.named_modules(), original.named_modules(), strict=True):
+        for k, v in vars(b).items():
+            if isinstance(v, (bool, int, float, str)) and not k.startswith("__"):
+                setattr(a, k, v)
         for k in a._parameters:
             a._parameters[k] = b._parameters[k]
         for k in a._buffers:
@@ -231,7 +237,6 @@ def _threaded_backward(algo, part: Episode, runtime: Runtime, k: int, weight: fl
 
     def work(i: int):
         rep = replicas[i]
-        rep.train(algo.training)
         group = part.tasks(bounds[i], bounds[i + 1])
         with runtime.autocast():
             loss, metrics = rep.meta_loss(group)
