@@ -230,6 +230,7 @@ def check_values(command: str, cfg) -> None:
                "logger.kind": ("auto", "comet", "comet_offline", "none"), "eval.split": ("train", "val", "test")}
     if command == "train":
         choices["train.on_nan"] = ("stop", "skip")
+        choices["train.lr_schedule"] = ("step", "cosine")
     from omegaconf import OmegaConf
 
     for key, allowed in choices.items():
@@ -244,6 +245,10 @@ def check_values(command: str, cfg) -> None:
         v = OmegaConf.select(cfg, key)
         if v is not None and v < 1:
             fail(f"{key}={v} must be a positive integer")
+    if command == "train":
+        v = OmegaConf.select(cfg, "train.lr_min")
+        if v is not None and not 0 <= v <= 1:
+            fail(f"train.lr_min={v} must be between 0 and 1 (a fraction of train.outer_lr)")
 
 
 # ----------------------------------------------------------------------------- hydra entry

@@ -111,6 +111,10 @@ class TrainLoopConfig:
     outer_lr: float = 1e-3  # Adam
     lr_decay_every: Optional[int] = None  # StepLR: multiply the outer lr by lr_decay every N steps
     lr_decay: float = 0.5
+    # step: the StepLR above (constant when lr_decay_every is null); cosine: anneal the outer lr
+    # from outer_lr to outer_lr * lr_min over train.steps (lr_decay_every is then not used)
+    lr_schedule: str = "step"
+    lr_min: float = 0.0
     grad_clip: Optional[float] = None
     task_chunk: Optional[int] = None  # tasks per forward/backward (bounds memory); None: all
     val_every: int = 500

@@ -27,6 +27,13 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
+        bn = self.bn
+        batch_stats = bn.training or not bn.track_running_stats
+        if self.fused and self.pool and self.channels_last and batch_stats and conv.in_channels in (1, 3):
+            from fewshot_runner.ops.stem import conv_bn_relu_pool, stem_applies
+
+            if stem_applies(x, conv, conv.weight, (conv.bias, bn.weight, bn.bias)):  # a batch of images
+                return self._stem(x, conv_bn_relu_pool)
         if self.channels_last and not is_transformed(x):
             # NHWC maps and weights: oneDNN's fast convolutions (``.to``, not ``.contiguous``: with one
             # input channel only ``.to`` restrides, and the NCHW kernel is then ~10x slower).  Weights
@@ -36,8 +43,6 @@ class ConvBlock(nn.Module):
             x = F.conv2d(x, w, conv.bias, conv.stride, conv.padding)
         else:
             x = conv(x)
-        bn = self.bn
-        batch_stats = bn.training or not bn.track_running_stats
         if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)
             from fewshot_runner.ops import bn_relu_pool, update_running_stats
 
@@ -49,6 +54,17 @@ class ConvBlock(nn.Module):
             return out
         x = F.relu(bn(x))
         return F.max_pool2d(x, 2) if self.pool else x
+
+    def _stem(self, x: torch.Tensor, op) -> torch.Tensor:
+        """conv + BN + ReLU + max-pool of a first layer as one op (ops/stem.py)."""
+        conv, bn = self.conv, self.bn
+        if not (bn.training and bn.track_running_stats):
+            return op(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
+        out, mean, var = op(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps, return_stats=True)
+        from fewshot_runner.ops import update_running_stats
+
+        update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        return out
 
 
 def _fused_available(mode: str) -> bool:

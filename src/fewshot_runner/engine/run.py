@@ -500,6 +500,16 @@ def _drop_final_records(path: Path) -> None:
         ckpt.atomic_write(path, lambda f: f.write(text))
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
+    """The outer learning-rate schedule of ``train.lr_schedule`` (None: a constant rate)."""
+    if train_cfg.get("lr_schedule", "step") == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train_cfg.steps,
+                                                          eta_min=train_cfg.outer_lr * train_cfg.get("lr_min", 0.0))
+    if train_cfg.lr_decay_every:
+        return torch.optim.lr_scheduler.StepLR(optimizer, train_cfg.lr_decay_every, train_cfg.lr_decay)
+    return None
+
+
 def _restore(state: dict, path: Path, algo, optimizer, scheduler, sampler) -> None:
     try:
         algo.load_state_dict(state["model"])
@@ -610,8 +620,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     algo = build_learner(cfg, dataset.x_shape, tr.n_way, runtime)
     algo.check_n_way(ev.n_way)
     optimizer = torch.optim.Adam(algo.parameters(), lr=cfg.train.outer_lr)
-    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_decay_every, cfg.train.lr_decay)
-                 if cfg.train.lr_decay_every else None)
+    scheduler = make_scheduler(optimizer, cfg.train)
     sampler = EpisodeSampler(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
     outer_step = getattr(algo, "outer_step", None)
 

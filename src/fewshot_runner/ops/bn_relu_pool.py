@@ -48,6 +48,7 @@ from fewshot_runner.backbones.norm import is_transformed
 __all__ = ["bn_relu_pool", "bn_relu_pool_reference", "extension_status", "load_extension", "update_running_stats"]
 
 _CSRC = Path(__file__).with_name("csrc") / "bn_relu_pool.cpp"
+_CSRC_INCLUDES = [Path(__file__).with_name("csrc") / "conv_bn_relu_pool.inc"]  # #included by _CSRC
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp", "-fno-math-errno"]
 
 _lock = threading.Lock()
@@ -78,7 +79,7 @@ def _cpu_tag() -> str:
 
 def _ext_name() -> str:
     h = hashlib.sha256()
-    for part in (_CSRC.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(), _cpu_tag().encode(),
+    for part in (_CSRC.read_bytes(), *(f.read_bytes() for f in _CSRC_INCLUDES), torch.__version__.encode(), " ".join(_CFLAGS).encode(), _cpu_tag().encode(),
                  platform.python_version().encode()):
         h.update(part)
     return f"fewshot_bn_relu_pool_{h.hexdigest()[:12]}"

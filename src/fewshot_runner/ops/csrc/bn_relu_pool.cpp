@@ -1,6 +1,6 @@
 // Fused batch norm (batch statistics) -> ReLU -> max-pool 2x2 (optional), CPU kernels.
 //
-// Three entry points:
+// Three entry points (and two more for a net's first layer, conv_bn_relu_pool.inc):
 //   forward:          out, mean, rstd, idx, xsel   (idx: uint8 route, xsel: x at the route, see below)
 //   backward:         gx, gw, gb                   from the pooled gradient gp
 //   double_backward:  g_gp, g_x, g_w               from the gradients ggx, ggw, ggb of gx, gw, gb
@@ -1089,6 +1089,8 @@ void check_opt(const std::optional<at::Tensor>& t, const at::Tensor& x, const ch
   if (t.has_value() && t->defined()) check_same(*t, x, name);
 }
 
+#include "conv_bn_relu_pool.inc"
+
 // ----------------------------------------------------------------------------------- bindings
 void check_route(const Geo& g, const at::Tensor& x, const at::Tensor& gp, const at::Tensor& idx,
                  const std::optional<at::Tensor>& xsel) {
@@ -1198,4 +1200,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused BN(batch stats) + ReLU + max-pool 2x2 forward");
   m.def("backward", &backward, "its backward");
   m.def("double_backward", &double_backward, "the backward of its backward");
+  m.def("stem_forward", &stem_forward, "fused conv3x3 (1 or 3 input channels) + BN + ReLU + max-pool 2x2 forward");
+  m.def("stem_backward", &stem_backward, "its first-order backward (weight, BN weight and bias gradients)");
 }
