@@ -107,6 +107,8 @@ CASES = {
     "unknown channels_last": (["train", "device.channels_last=sometimes"],
                               ["device.channels_last='sometimes'", "off, on, auto"]),
     "zero task threads": (["train", "device.task_threads=0"], ["device.task_threads='0'", "whole number >= 1"]),
+    "unknown lr schedule": (["train", "train.lr_schedule=linear"], ["train.lr_schedule=linear", "step, cosine"]),
+    "lr_min above 1": (["train", "train.lr_schedule=cosine", "train.lr_min=2"], ["train.lr_min=2", "between 0 and 1"]),
     "compile with MAML": (["train", "algo=maml", "device.compile=true"], ["device.compile=true", "device.compile=false"]),
     "unknown logger kind": (["train", "logger.kind=wandb"], ["logger.kind=wandb", "comet_offline"]),
     "bad value in one sweep job": (["train", "-m", "data.n_way=5,0", "hydra.sweep.dir={out}"], ["data.n_way=0"]),

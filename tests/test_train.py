@@ -48,3 +48,34 @@ def test_eval_runs_a_checkpoint_with_the_device_settings_given_to_eval(compose_c
     res = run.evaluate_checkpoint(cfg, run_dir=tmp_path / "ev")
     assert built[0].backbone.fused_ops == "off" and built[0].algo.batch_tasks == "on"
     assert built[0].backbone._target_.endswith("Conv4") and 0 <= res["test/acc"] <= 1
+
+
+
+def test_cosine_schedule_anneals_to_lr_min_and_resumes(compose_cfg, tmp_path):
+    """train.lr_schedule=cosine: the logged outer lr falls from outer_lr to outer_lr * lr_min over
+    train.steps, and a run killed at step 5 and resumed logs the same rates as one never stopped."""
+    import signal
+
+    from conftest import run_cli
+
+    over = ["debug=smoke", "algo=protonet", "backbone.hidden=8", "device.threads=1", "train.steps=8",
+            "train.log_every=1", "train.ckpt_every=2", "train.lr_schedule=cosine", "train.lr_min=0.1",
+            "train.outer_lr=0.01", "logger=none"]
+
+    def lrs(run):
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+
+    train(compose_cfg(over), run_dir=tmp_path / "a")
+    lr = lrs(tmp_path / "a")
+    assert sorted(lr) == list(range(1, 9))
+    assert all(lr[s + 1] < lr[s] for s in range(1, 8))
+    cos = __import__("math").cos
+    assert lr[8] == pytest.approx(0.001, rel=1e-9)
+    assert lr[2] == pytest.approx(0.001 + 0.009 * (1 + cos(__import__("math").pi * 2 / 8)) / 2, rel=1e-9)
+    run = tmp_path / "b"
+    p = run_cli(["train", *over, f"hydra.run.dir={run}"], tmp_path, env_extra={"FEWSHOT_FAULT": "kill@step:5"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    p = run_cli(["train", *over, f"hydra.run.dir={run}", "resume=auto"], tmp_path)
+    assert p.returncode == 0 and "at step 4" in p.stdout, p.stderr[-2000:]
+    assert lrs(run) == lr
