@@ -107,6 +107,7 @@ CASES = {
     "unknown channels_last": (["train", "device.channels_last=sometimes"],
                               ["device.channels_last='sometimes'", "off, on, auto"]),
     "zero task threads": (["train", "device.task_threads=0"], ["device.task_threads='0'", "whole number >= 1"]),
+    "unknown train split": (["train", "train.split=test"], ["train.split=test", "train, trainval"]),
     "unknown lr schedule": (["train", "train.lr_schedule=linear"], ["train.lr_schedule=linear", "step, cosine"]),
     "lr_min above 1": (["train", "train.lr_schedule=cosine", "train.lr_min=2"], ["train.lr_min=2", "between 0 and 1"]),
     "compile with MAML": (["train", "algo=maml", "device.compile=true"], ["device.compile=true", "device.compile=false"]),

@@ -79,3 +79,20 @@ def test_cosine_schedule_anneals_to_lr_min_and_resumes(compose_cfg, tmp_path):
     p = run_cli(["train", *over, f"hydra.run.dir={run}", "resume=auto"], tmp_path)
     assert p.returncode == 0 and "at step 4" in p.stdout, p.stderr[-2000:]
     assert lrs(run) == lr
+
+
+def test_trainval_split_trains_on_val_classes_and_keeps_the_last_model(compose_cfg, tmp_path, monkeypatch):
+    """train.split=trainval: the sampler draws from train + val classes, no validation runs, and
+    best.pt is the last model (what the test evaluates)."""
+    import fewshot_runner.engine.run as run
+    from fewshot_runner.engine import checkpoint as ckpt
+
+    seen, evaluated = [], []
+    real_sampler, real_eval = run.EpisodeSampler, run.evaluate
+    monkeypatch.setattr(run, "EpisodeSampler", lambda split, *a, **k: seen.append(split.name) or real_sampler(split, *a, **k))
+    monkeypatch.setattr(run, "evaluate", lambda algo, split, *a, **k: evaluated.append(split.name) or real_eval(algo, split, *a, **k))
+    cfg = compose_cfg(["debug=smoke", "algo=protonet", "train.split=trainval", "train.val_every=2"])
+    res = train(cfg, run_dir=tmp_path)
+    assert seen == ["trainval"] and evaluated == ["test"]
+    assert res["val/best_acc"] is None and res["best_step"] == res["steps"] == 4
+    assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 4

@@ -231,6 +231,7 @@ def check_values(command: str, cfg) -> None:
     if command == "train":
         choices["train.on_nan"] = ("stop", "skip")
         choices["train.lr_schedule"] = ("step", "cosine")
+        choices["train.split"] = ("train", "trainval")
     from omegaconf import OmegaConf
 
     for key, allowed in choices.items():

@@ -107,6 +107,9 @@ class LoggerConfig:
 @dataclass
 class TrainLoopConfig:
     steps: int = 10000
+    # classes to train on: train, or trainval (train + val, as the ProtoNet paper's 1,200 Omniglot
+    # characters; there is then no held-out validation: the last model is kept and tested)
+    split: str = "train"
     meta_batch_size: int = 32  # tasks per outer step
     outer_lr: float = 1e-3  # Adam
     lr_decay_every: Optional[int] = None  # StepLR: multiply the outer lr by lr_decay every N steps

@@ -41,7 +41,7 @@ def make_class_images(n_classes: int, per_class: int, image_size: int, channels:
 
 def Synthetic(n_classes_train: int = 64, n_classes_val: int = 16, n_classes_test: int = 20, per_class: int = 20,
               image_size: int = 28, channels: int = 1, seed: int = 0) -> EpisodicDataset:
-    """An EpisodicDataset named "synthetic" with disjoint train/val/test classes.
+    """An EpisodicDataset named "synthetic" with disjoint train/val/test classes (and trainval = train + val).
 
     Each split holds uint8 images (n_classes * per_class, channels, image_size, image_size);
     class names are ``class0000``, ``class0001``, ... numbered across splits.
@@ -58,4 +58,6 @@ def Synthetic(n_classes_train: int = 64, n_classes_val: int = 16, n_classes_test
         names = [f"class{i:04d}" for i in range(start, start + n)]
         splits[name] = ClassSplit.from_class_major(name, images[start:start + n], names)
         start += n
+    n_tv = n_classes_train + n_classes_val  # train + val, for train.split=trainval
+    splits["trainval"] = ClassSplit.from_class_major("trainval", images[:n_tv], [f"class{i:04d}" for i in range(n_tv)])
     return EpisodicDataset("synthetic", splits)

@@ -611,7 +611,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
 
     dataset = build_dataset(cfg.data)
     tr, ev = episode_shapes(cfg.data)
-    train_split, val_split, test_split = dataset.split("train"), dataset.split("val"), dataset.split(cfg.eval.split)
+    train_on = cfg.train.get("split", "train")
+    train_split, val_split, test_split = dataset.split(train_on), dataset.split("val"), dataset.split(cfg.eval.split)
+    validate = train_on != "trainval"  # trainval holds the validation classes: keep the last model
     check_episode_shape(train_split, tr.n_way, tr.n_shot, tr.n_query)
     check_episode_shape(val_split, ev.n_way, ev.n_shot, ev.n_query)
     check_episode_shape(test_split, ev.n_way, ev.n_shot, ev.n_query)
@@ -723,7 +725,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                     bar.update(task, completed=step, stats=f"loss {logged.get('train/loss', float('nan')):.3f} "
                                                            f"acc {logged.get('train/acc', float('nan')):.3f} "
                                                            f"{sps:.2f} it/s")
-                if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+                if validate and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
                     val = evaluate(algo, val_split, ev.n_way, ev.n_shot, ev.n_query, cfg.train.val_episodes,
                                    cfg.eval.seed, cfg.eval.chunk, runtime)
                     faults.at("val", step)
@@ -737,6 +739,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                     save("last.pt", step)
                     saved_at = step
+                if not validate and step == cfg.train.steps:  # the model kept is the last one
+                    best_step = step
+                    save("best.pt", step)
                 if stop:
                     if saved_at != step:
                         save("last.pt", step)
@@ -751,7 +756,8 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
         wall = wall_before + time.time() - t_start
         results = {
             "test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
-            "test/split": cfg.eval.split, "val/best_acc": best_acc, "best_step": best_step, "steps": step,
+            "test/split": cfg.eval.split, "val/best_acc": best_acc if validate else None,
+            "train/split": train_on, "best_step": best_step, "steps": step,
             "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": wall,
             "checkpoint": str(best_path if best_path.exists() else ckpt_dir / "last.pt"),
             "package_version": __version__,
@@ -775,7 +781,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     console.print(results_table(
         f"{cfg.data._target_.rsplit('.', 1)[-1]} {ev.n_way}-way {ev.n_shot}-shot: {cfg.algo._target_.rsplit('.', 1)[-1]}",
         [("test acc", f"{100 * test['acc']:.2f} % ± {100 * test['ci95']:.2f}"),
-         ("test episodes", str(test["n_episodes"])), ("best val acc", f"{100 * best_acc:.2f} % (step {best_step})"),
+         ("test episodes", str(test["n_episodes"])),
+         ("best val acc", f"{100 * best_acc:.2f} % (step {best_step})" if validate
+          else f"none: trained on {train_on}, the last model (step {best_step}) kept"),
          ("steps", str(step)), ("wall time", f"{wall:.0f} s"), ("run dir", str(run_dir))]))
     for m in messages:
         _say(m)
