@@ -96,3 +96,24 @@ def test_trainval_split_trains_on_val_classes_and_keeps_the_last_model(compose_c
     assert seen == ["trainval"] and evaluated == ["test"]
     assert res["val/best_acc"] is None and res["best_step"] == res["steps"] == 4
     assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 4
+
+
+def test_eval_overrides_test_time_adaptation(compose_cfg, tmp_path, monkeypatch):
+    """`fewshot eval ... algo.eval_inner_steps=N algo.inner_lr=X` adapts MAML with those at test time;
+    a learner without them (ProtoNet) refuses them with one line."""
+    import fewshot_runner.engine.run as run
+    from fewshot_runner.errors import UserError
+
+    train(compose_cfg(["debug=smoke", "algo=maml"]), run_dir=tmp_path / "maml")
+    steps = []
+    real = run.build_learner
+    monkeypatch.setattr(run, "build_learner", lambda cfg, *a: steps.append(cfg.algo) or real(cfg, *a))
+    ck = tmp_path / "maml" / "checkpoints" / "best.pt"
+    res = run.evaluate_checkpoint(compose_cfg([f"checkpoint={ck}", "algo.eval_inner_steps=7", "algo.inner_lr=0.05",
+                                               "eval.n_episodes=4"], name="eval"), run_dir=tmp_path / "ev")
+    assert steps[0].eval_inner_steps == 7 and steps[0].inner_lr == 0.05
+    assert res["algo/eval_inner_steps"] == 7 and res["algo/inner_lr"] == 0.05
+    train(compose_cfg(["debug=smoke", "algo=protonet"]), run_dir=tmp_path / "proto")
+    with pytest.raises(UserError, match="has no eval_inner_steps"):
+        run.evaluate_checkpoint(compose_cfg([f"checkpoint={tmp_path / 'proto' / 'checkpoints' / 'best.pt'}",
+                                             "algo.eval_inner_steps=3"], name="eval"), run_dir=tmp_path / "ev2")

@@ -160,10 +160,19 @@ class EvalDataOverrides:
 
 
 @dataclass
+class EvalAlgoOverrides:
+    """Test-time adaptation settings for ``fewshot eval`` (MAML); None keeps the checkpoint's."""
+
+    eval_inner_steps: Optional[int] = None
+    inner_lr: Optional[float] = None
+
+
+@dataclass
 class EvalRunConfig:
     checkpoint: str = MISSING
     seed: int = 0
     data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
+    algo: EvalAlgoOverrides = field(default_factory=EvalAlgoOverrides)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
     eval: EvalConfig = field(default_factory=EvalConfig)

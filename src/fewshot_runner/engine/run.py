@@ -817,6 +817,13 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
         v = cfg.data.get(k)
         if v is not None:
             OmegaConf.update(saved, f"data.{k}", v, force_add=True)
+    for k in ("eval_inner_steps", "inner_lr"):
+        v = (cfg.get("algo") or {}).get(k)
+        if v is not None:
+            if k not in saved.algo:
+                raise UserError(f"algo.{k}={v}: the checkpoint's learner ({saved.algo._target_.rsplit('.', 1)[-1]}) "
+                                  f"has no {k}; leave it out")
+            OmegaConf.update(saved, f"algo.{k}", v)
     runtime = resolve_runtime(cfg.device)
     dataset = build_dataset(saved.data)
     tr, ev = episode_shapes(saved.data)
@@ -834,6 +841,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                     cfg.eval.chunk, runtime)
     results = {"test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
                "test/split": cfg.eval.split, "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
+               **{f"algo/{k}": saved.algo[k] for k in ("eval_inner_steps", "inner_lr") if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"])}
     _write_json(run_dir / "results.json", results)
     console.print(results_table(
