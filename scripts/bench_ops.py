@@ -11,6 +11,11 @@ Three workloads per shape, all with inputs that require grad (as in training):
             requires grad), then grads of x, weight, bias and the output gradient for random
             gradients of the first-order grads (the double backward)
 Reports the median (and min) wall time in ms over --reps runs and the speed-up of the median.
+
+``--stem``: the fused first layer (conv3x3 of 1-channel images + BN + ReLU + max-pool, ops/stem.py)
+against the path it replaces (channels-last ``F.conv2d`` + the fused bn_relu_pool) on image
+batches of 75 (MAML query), 5 (support) and 360 (60-way ProtoNet episode); gradients are taken
+with respect to the conv weight and bias and the BN weight and bias (images need none).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fewshot_runner.ops import bn_relu_pool, bn_relu_pool_reference, extension_status, load_extension  # noqa: E402
+from fewshot_runner.ops.stem import conv_bn_relu_pool  # noqa: E402
+
+STEM_SHAPES = [("MAML query 75 images", 75), ("MAML support 5 images", 5), ("ProtoNet 360 images", 360)]
 
 SHAPES = [("query L1 75x64x28x28", (75, 64, 28, 28)), ("support L1 5x64x28x28", (5, 64, 28, 28)),
           ("query L2 75x64x14x14", (75, 64, 14, 14))]
@@ -67,6 +75,53 @@ def workloads(op, shape, dtype, pool):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "fwd+bwd+2": fwd_bwd_2}
 
 
+def stem_workloads(op, n, dtype):
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(n, 1, 28, 28, dtype=dtype, generator=g)
+    params = [(torch.randn(64, 1, 3, 3, dtype=dtype, generator=g) * 0.3).requires_grad_(),
+              (torch.randn(64, dtype=dtype, generator=g) * 0.1).requires_grad_(),
+              (torch.rand(64, dtype=dtype, generator=g) + 0.5).requires_grad_(),
+              (torch.randn(64, dtype=dtype, generator=g) * 0.1).requires_grad_()]
+    go = torch.randn(n, 64, 14, 14, dtype=dtype, generator=g).contiguous(memory_format=torch.channels_last)
+    go.requires_grad_()
+    rs = [torch.randn(p.shape, dtype=dtype, generator=g) for p in params]
+
+    def fwd():
+        return op(img, *params)
+
+    def fwd_bwd():
+        return torch.autograd.grad(op(img, *params), params, go.detach())
+
+    def fwd_bwd_2():
+        gw, _, gbw, gbb = torch.autograd.grad(op(img, *params), params, go, create_graph=True)
+        # (the conv bias's gradient is exactly 0 under batch-statistics BN: the stem returns a constant)
+        return torch.autograd.grad((gw, gbw, gbb), [params[0], params[2], go], (rs[0], rs[2], rs[3]))
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "fwd+bwd+2": fwd_bwd_2}
+
+
+def conv_then_fused(img, w, cb, bw, bb):
+    """What ConvBlock ran before the stem op: channels-last conv, then the fused op's NHWC kernels."""
+    x = torch.nn.functional.conv2d(img.to(memory_format=torch.channels_last),
+                                   w.to(memory_format=torch.channels_last), cb, 1, 1)
+    return bn_relu_pool(x, bw, bb, pool=True)
+
+
+def main_stem(args, dtype) -> None:
+    header = f"{'batch':<24}{'workload':<11}{'conv + fused op ms':>22}{'stem ms':>18}{'speed-up':>10}"
+    print(header)
+    print("-" * len(header))
+    for label, n in STEM_SHAPES:
+        ref = stem_workloads(conv_then_fused, n, dtype)
+        fus = stem_workloads(conv_bn_relu_pool, n, dtype)
+        for name in ref:
+            r_med, r_min = timeit(ref[name], args.reps)
+            f_med, f_min = timeit(fus[name], args.reps)
+            print(f"{label:<24}{name:<11}{r_med:>13.2f} ({r_min:6.2f}){f_med:>9.2f} ({f_min:6.2f})"
+                  f"{r_med / f_med:>9.2f}x")
+    print("(median (min) over", args.reps, "runs)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
@@ -74,6 +129,7 @@ def main() -> None:
     ap.add_argument("--backend", default=None, choices=["ext", "torch"], help="default: ext where it loads")
     ap.add_argument("--no-pool", action="store_true", help="BN + ReLU only")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--stem", action="store_true", help="time the fused first layer instead (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +146,11 @@ def main() -> None:
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     if not malloc:
         print("note: MALLOC_MMAP_THRESHOLD_ is not set; glibc page faults make timings slower and noisier")
+    if args.stem:
+        if ext is None:
+            raise SystemExit("error: --stem needs the C++ kernels")
+        main_stem(args, dtype)
+        return
 
     def fused(x, w, b, pool):
         return bn_relu_pool(x, w, b, pool=pool, backend=backend)
