@@ -57,3 +57,13 @@ def test_step_time_prints_one_row_per_setting_and_names_a_failing_one(tmp_path):
     bad = subprocess.run([sys.executable, script, *common, "device.batch_tasks=maybe"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "setting 'device.batch_tasks=maybe' failed" in bad.stderr
+
+
+def test_bench_ops_stem_prints_a_row_per_batch_and_workload(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_ops.py"), "--stem", "--reps", "1",
+                           "--threads", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.rstrip().endswith("x") and "images" in ln]
+    assert len(rows) == 9, proc.stdout
+    for batch in ("MAML query 75 images", "MAML support 5 images", "ProtoNet 360 images"):
+        assert sum(ln.startswith(batch) for ln in rows) == 3
