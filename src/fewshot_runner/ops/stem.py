@@ -80,11 +80,13 @@ class _Stem(torch.autograd.Function):
         img, weight, bn_weight, mean, rstd, idx, xsel, cov, s = ctx.saved_tensors
         gout = gout.contiguous(memory_format=torch.channels_last)
         if torch.is_grad_enabled():  # create_graph: a backward that is differentiable again
-            z = F.conv2d(img, weight.to(memory_format=torch.channels_last), None, padding=1)
-            z = z.contiguous(memory_format=torch.channels_last)
+            # all NHWC (as ConvBlock hands tensors to oneDNN), else oneDNN copies the full-size maps
+            cl = torch.channels_last
+            img_cl, w_cl = img.to(memory_format=cl), weight.to(memory_format=cl)
+            z = F.conv2d(img_cl, w_cl, None, padding=1).contiguous(memory_format=cl)
             gz, g_bw, g_bb = _brp._BNReluPoolBackward.apply(gout, z, bn_weight, mean, rstd, True, "ext", idx, xsel)
-            g_w = torch.ops.aten.convolution_backward(gz, img, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                      [False, True, False])[1] if need[1] else None
+            g_w = torch.ops.aten.convolution_backward(gz, img_cl, w_cl.detach(), None, [1, 1], [1, 1], [1, 1], False,
+                                                      [0, 0], 1, [False, True, False])[1] if need[1] else None
         else:
             g_w, g_bw, g_bb = _brp._ext.stem_backward(gout, img, weight.contiguous(), bn_weight, mean, rstd, idx, xsel,
                                                       cov, s)
