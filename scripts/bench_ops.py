@@ -107,19 +107,25 @@ def conv_then_fused(img, w, cb, bw, bb):
     return bn_relu_pool(x, bw, bb, pool=True)
 
 
-def main_stem(args, dtype) -> None:
-    header = f"{'batch':<24}{'workload':<11}{'conv + fused op ms':>22}{'stem ms':>18}{'speed-up':>10}"
+def print_table(first: str, ref_label: str, fused_label: str, cases, reps: int) -> None:
+    """cases: (label, reference workloads, fused workloads); one row per label and workload."""
+    width = max(18, len(ref_label) + 4)
+    header = f"{first:<24}{'workload':<11}{ref_label:>{width}}{fused_label:>18}{'speed-up':>10}"
     print(header)
     print("-" * len(header))
-    for label, n in STEM_SHAPES:
-        ref = stem_workloads(conv_then_fused, n, dtype)
-        fus = stem_workloads(conv_bn_relu_pool, n, dtype)
+    for label, ref, fus in cases:
         for name in ref:
-            r_med, r_min = timeit(ref[name], args.reps)
-            f_med, f_min = timeit(fus[name], args.reps)
-            print(f"{label:<24}{name:<11}{r_med:>13.2f} ({r_min:6.2f}){f_med:>9.2f} ({f_min:6.2f})"
+            r_med, r_min = timeit(ref[name], reps)
+            f_med, f_min = timeit(fus[name], reps)
+            print(f"{label:<24}{name:<11}{r_med:>{width - 9}.2f} ({r_min:6.2f}){f_med:>9.2f} ({f_min:6.2f})"
                   f"{r_med / f_med:>9.2f}x")
-    print("(median (min) over", args.reps, "runs)")
+    print("(median (min) over", reps, "runs)")
+
+
+def main_stem(args, dtype) -> None:
+    cases = ((label, stem_workloads(conv_then_fused, n, dtype), stem_workloads(conv_bn_relu_pool, n, dtype))
+             for label, n in STEM_SHAPES)
+    print_table("batch", "conv + fused op ms", "stem ms", cases, args.reps)
 
 
 def main() -> None:
@@ -155,18 +161,9 @@ def main() -> None:
     def fused(x, w, b, pool):
         return bn_relu_pool(x, w, b, pool=pool, backend=backend)
 
-    header = f"{'shape':<24}{'workload':<11}{'reference ms':>18}{'fused ms':>18}{'speed-up':>10}"
-    print(header)
-    print("-" * len(header))
-    for label, shape in SHAPES:
-        ref = workloads(bn_relu_pool_reference, shape, dtype, pool)
-        fus = workloads(fused, shape, dtype, pool)
-        for name in ref:
-            r_med, r_min = timeit(ref[name], args.reps)
-            f_med, f_min = timeit(fus[name], args.reps)
-            print(f"{label:<24}{name:<11}{r_med:>9.2f} ({r_min:6.2f}){f_med:>9.2f} ({f_min:6.2f})"
-                  f"{r_med / f_med:>9.2f}x")
-    print("(median (min) over", args.reps, "runs)")
+    cases = ((label, workloads(bn_relu_pool_reference, shape, dtype, pool), workloads(fused, shape, dtype, pool))
+             for label, shape in SHAPES)
+    print_table("shape", "reference ms", "fused ms", cases, args.reps)
 
 
 if __name__ == "__main__":
