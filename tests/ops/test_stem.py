@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from fewshot_runner.ops import extension_status, load_extension
-from fewshot_runner.ops.stem import conv_bn_relu_pool, conv_bn_relu_pool_reference, stem_applies
+from fewshot_runner.ops.stem import conv_bn_relu_pool, conv_bn_relu_pool_reference, stem_applies, stem_fits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,11 +106,14 @@ def test_running_stats_match_batch_norm():
 def test_applies_only_to_image_batches():
     conv = torch.nn.Conv2d(1, 4, 3, padding=1)
     img = torch.rand(2, 1, 8, 8)
-    assert stem_applies(img, conv, conv.weight)
-    assert not stem_applies(img.requires_grad_(), conv, conv.weight)  # needs an input gradient
-    assert not stem_applies(torch.rand(2, 1, 8, 8, dtype=torch.float16), conv, conv.weight)
-    assert not stem_applies(torch.rand(2, 1, 8, 8), torch.nn.Conv2d(1, 4, 3, padding=1, stride=2), conv.weight)
-    assert not stem_applies(torch.rand(2, 2, 8, 8), torch.nn.Conv2d(2, 4, 3, padding=1), conv.weight)
+    assert stem_fits(conv) and stem_fits(torch.nn.Conv2d(3, 4, 3, padding=1))
+    assert not stem_fits(torch.nn.Conv2d(1, 4, 3, padding=1, stride=2))
+    assert not stem_fits(torch.nn.Conv2d(2, 4, 3, padding=1))
+    assert not stem_fits(torch.nn.Conv2d(1, 4, 5, padding=2))
+    assert stem_applies(img, conv.weight)
+    assert not stem_applies(img.requires_grad_(), conv.weight)  # needs an input gradient
+    assert not stem_applies(torch.rand(2, 1, 8, 8, dtype=torch.float16), conv.weight)
+    assert not stem_applies(torch.rand(2, 3, 8, 8), conv.weight)  # channels differ from the weight's
 
 
 def test_conv4_first_block_uses_it_and_agrees(monkeypatch):

@@ -24,16 +24,19 @@ class ConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(c_out)
         self.fused = fused
         self.channels_last = False  # set by backbones.use_channels_last
+        # a first layer the stem op (conv + BN + ReLU + max-pool fused, ops/stem.py) can run
+        self.stem = fused and pool and _stem_fits(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         bn = self.bn
         batch_stats = bn.training or not bn.track_running_stats
-        if self.fused and self.pool and self.channels_last and batch_stats and conv.in_channels in (1, 3):
+        if self.stem and self.channels_last and batch_stats:
             from fewshot_runner.ops.stem import conv_bn_relu_pool, stem_applies
 
-            if stem_applies(x, conv, conv.weight, (conv.bias, bn.weight, bn.bias)):  # a batch of images
-                return self._stem(x, conv_bn_relu_pool)
+            if stem_applies(x, conv.weight, (conv.bias, bn.weight, bn.bias)):  # a batch of images
+                return self._fused_bn(x, lambda stats: conv_bn_relu_pool(x, conv.weight, conv.bias, bn.weight,
+                                                                         bn.bias, bn.eps, return_stats=stats))
         if self.channels_last and not is_transformed(x):
             # NHWC maps and weights: oneDNN's fast convolutions (``.to``, not ``.contiguous``: with one
             # input channel only ``.to`` restrides, and the NCHW kernel is then ~10x slower).  Weights
@@ -44,27 +47,31 @@ class ConvBlock(nn.Module):
         else:
             x = conv(x)
         if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)
-            from fewshot_runner.ops import bn_relu_pool, update_running_stats
+            from fewshot_runner.ops import bn_relu_pool
 
-            if not (bn.training and bn.track_running_stats):
-                return bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool)
-            # training with running statistics (ProtoNet): update them as nn.BatchNorm2d would
-            out, mean, var = bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool, return_stats=True)
-            update_running_stats(bn, mean, var, x.numel() // x.shape[1])
-            return out
+            return self._fused_bn(x, lambda stats: bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool,
+                                                                return_stats=stats))
         x = F.relu(bn(x))
         return F.max_pool2d(x, 2) if self.pool else x
 
-    def _stem(self, x: torch.Tensor, op) -> torch.Tensor:
-        """conv + BN + ReLU + max-pool of a first layer as one op (ops/stem.py)."""
-        conv, bn = self.conv, self.bn
+    def _fused_bn(self, x: torch.Tensor, op) -> torch.Tensor:
+        """A fused batch-statistics op (``op(return_stats)``: bn_relu_pool, or the stem op on the
+        images x); training with running statistics (ProtoNet) updates them as nn.BatchNorm2d would."""
+        bn = self.bn
         if not (bn.training and bn.track_running_stats):
-            return op(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
-        out, mean, var = op(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps, return_stats=True)
+            return op(False)
         from fewshot_runner.ops import update_running_stats
 
+        out, mean, var = op(True)
+        # values per channel: N*H*W of the conv's output (the stem's images have the same N, H, W)
         update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return out
+
+
+def _stem_fits(conv: nn.Conv2d) -> bool:
+    from fewshot_runner.ops.stem import stem_fits
+
+    return stem_fits(conv)
 
 
 def _fused_available(mode: str) -> bool:

@@ -502,9 +502,9 @@ def _drop_final_records(path: Path) -> None:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
     """The outer learning-rate schedule of ``train.lr_schedule`` (None: a constant rate)."""
-    if train_cfg.get("lr_schedule", "step") == "cosine":
+    if train_cfg.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train_cfg.steps,
-                                                          eta_min=train_cfg.outer_lr * train_cfg.get("lr_min", 0.0))
+                                                          eta_min=train_cfg.outer_lr * train_cfg.lr_min)
     if train_cfg.lr_decay_every:
         return torch.optim.lr_scheduler.StepLR(optimizer, train_cfg.lr_decay_every, train_cfg.lr_decay)
     return None
@@ -611,7 +611,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
 
     dataset = build_dataset(cfg.data)
     tr, ev = episode_shapes(cfg.data)
-    train_on = cfg.train.get("split", "train")
+    train_on = cfg.train.split
     train_split, val_split, test_split = dataset.split(train_on), dataset.split("val"), dataset.split(cfg.eval.split)
     validate = train_on != "trainval"  # trainval holds the validation classes: keep the last model
     check_episode_shape(train_split, tr.n_way, tr.n_shot, tr.n_query)

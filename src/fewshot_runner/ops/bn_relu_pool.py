@@ -350,7 +350,12 @@ def bn_relu_pool(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torc
     out, mean, rstd, *_ = _BNReluPool.apply(x, weight, bias, float(eps), bool(pool), backend)
     if not return_stats:
         return out
-    return out, mean.detach(), (rstd.detach().double().pow(-2) - float(eps)).clamp_min(0).to(mean.dtype)
+    return out, mean.detach(), batch_variance(rstd, eps)
+
+
+def batch_variance(rstd: torch.Tensor, eps: float) -> torch.Tensor:
+    """The biased batch variance behind ``rstd = 1 / sqrt(var + eps)`` (detached)."""
+    return (rstd.detach().double().pow(-2) - float(eps)).clamp_min(0).to(rstd.dtype)
 
 
 def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,

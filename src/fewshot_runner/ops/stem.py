@@ -18,7 +18,8 @@ backward) and the convolution's weight gradient.  The images get no gradient (th
 the convolution bias, which batch norm removes exactly, gets an exact zero.
 
 Used by ``ConvBlock`` for the first block of Conv4 when the fused kernels, channels-last and batch
-statistics are on and the input is a batch of images that needs no gradient (``stem_applies``).
+statistics are on and the input is a batch of images that needs no gradient (``stem_fits``,
+``stem_applies``).
 ``FEWSHOT_OPS_NO_STEM=1`` turns it off (for A/B timings).
 """
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from fewshot_runner.backbones.norm import is_transformed
 _brp = importlib.import_module("fewshot_runner.ops.bn_relu_pool")  # the module (the package exports the function)
 
-__all__ = ["conv_bn_relu_pool", "conv_bn_relu_pool_reference", "stem_applies"]
+__all__ = ["conv_bn_relu_pool", "conv_bn_relu_pool_reference", "stem_applies", "stem_fits"]
 
 
 def conv_bn_relu_pool_reference(img, weight, conv_bias, bn_weight, bn_bias, eps: float = 1e-5) -> torch.Tensor:
@@ -41,16 +42,21 @@ def conv_bn_relu_pool_reference(img, weight, conv_bias, bn_weight, bn_bias, eps:
     return _brp.bn_relu_pool_reference(F.conv2d(img, weight, conv_bias, padding=1), bn_weight, bn_bias, eps)
 
 
-def stem_applies(img: torch.Tensor, conv: torch.nn.Conv2d, weight: torch.Tensor, tensors=()) -> bool:
-    """Whether ``conv_bn_relu_pool`` can run this first layer (else the caller takes the usual path)."""
+def stem_fits(conv: torch.nn.Conv2d) -> bool:
+    """Whether a convolution has the shape the stem op computes (fixed at construction)."""
+    return (conv.in_channels in (1, 3) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def stem_applies(img: torch.Tensor, weight: torch.Tensor, tensors=()) -> bool:
+    """Whether ``conv_bn_relu_pool`` can run on these tensors (a conv that ``stem_fits``; else the
+    caller takes the usual path): CPU float images that need no gradient, plain tensors."""
     if os.environ.get("FEWSHOT_OPS_NO_STEM", "") not in ("", "0"):
         return False
     if img.device.type != "cpu" or img.dtype not in (torch.float32, torch.float64) or img.dim() != 4:
         return False
-    if img.requires_grad or img.shape[1] not in (1, 3) or img.shape[2] < 2 or img.shape[3] < 2:
-        return False
-    if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1)
-            or conv.groups != 1 or conv.padding_mode != "zeros"):
+    if img.requires_grad or img.shape[1] != weight.shape[1] or img.shape[2] < 2 or img.shape[3] < 2:
         return False
     for t in (img, weight, *tensors):
         if t is not None and (is_transformed(t) or t.dtype != img.dtype or t.device != img.device):
@@ -88,7 +94,7 @@ class _Stem(torch.autograd.Function):
             g_w = torch.ops.aten.convolution_backward(gz, img_cl, w_cl.detach(), None, [1, 1], [1, 1], [1, 1], False,
                                                       [0, 0], 1, [False, True, False])[1] if need[1] else None
         else:
-            g_w, g_bw, g_bb = _brp._ext.stem_backward(gout, img, weight.contiguous(), bn_weight, mean, rstd, idx, xsel,
+            g_w, g_bw, g_bb = _brp._ext.stem_backward(gout, img, weight, bn_weight, mean, rstd, idx, xsel,
                                                       cov, s)
         g_cb = torch.zeros_like(mean) if ctx.has_conv_bias and need[2] else None
         return (None, g_w if need[1] else None, g_cb, g_bw if need[3] else None, g_bb if need[4] else None, None)
@@ -112,4 +118,4 @@ def conv_bn_relu_pool(img: torch.Tensor, weight: torch.Tensor, conv_bias: torch.
     if not return_stats:
         return out
     mean = mean.detach() if conv_bias is None else mean.detach() + conv_bias.detach()
-    return out, mean, (rstd.detach().double().pow(-2) - float(eps)).clamp_min(0).to(mean.dtype)
+    return out, mean, _brp.batch_variance(rstd, eps)

@@ -48,13 +48,12 @@ struct Geo {
   double M;                   // elements per channel
 };
 
-Geo geometry(const at::Tensor& x, bool pool) {
-  TORCH_CHECK(x.dim() == 4, "bn_relu_pool: x must be 4-d (N, C, H, W), got ", x.dim(), "-d");
+// The geometry of an (N, C, H, W) batch-norm input; cl: channels-last memory.
+Geo make_geometry(int64_t N, int64_t C, int64_t H, int64_t W, bool pool, bool cl) {
   Geo g;
-  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.N = N; g.C = C; g.H = H; g.W = W;
   g.pool = pool;
-  // channels-last when x is laid out so and not also plain-contiguous (C == 1, or 1x1 maps: same memory)
-  g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  g.cl = cl;
   g.Ho = pool ? g.H / 2 : g.H;
   g.Wo = pool ? g.W / 2 : g.W;
   g.HW = g.H * g.W;
@@ -67,6 +66,13 @@ Geo geometry(const at::Tensor& x, bool pool) {
     TORCH_CHECK(g.HoWo > 0, "bn_relu_pool: input too small for a 2x2 max-pool");
   }
   return g;
+}
+
+Geo geometry(const at::Tensor& x, bool pool) {
+  TORCH_CHECK(x.dim() == 4, "bn_relu_pool: x must be 4-d (N, C, H, W), got ", x.dim(), "-d");
+  // channels-last when x is laid out so and not also plain-contiguous (C == 1, or 1x1 maps: same memory)
+  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return make_geometry(x.size(0), x.size(1), x.size(2), x.size(3), pool, cl);
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& x, const char* name) {
