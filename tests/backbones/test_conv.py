@@ -89,3 +89,56 @@ def test_channels_last_conv4_equals_nchw_to_second_order(pool, fused_ops):
     ref = maml_meta_grad(nchw, x_s, y_s, x_q, y_q, head)
     for (name, _), a, b in zip(nchw.named_parameters(), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+
+def test_bf16_autocast_runs_the_fused_ops_in_fp32(monkeypatch):
+    """device.precision=bf16 with the fused ops: a block's convolution runs in bf16 (AMX) and its
+    output is widened, so batch norm + ReLU + max-pool still run as the fp32 fused kernels (not the
+    generic path on bf16 maps).  Each block's output and gradients equal that composition written
+    out (bf16 conv, then the unfused fp32 ops) on the same input; the stem block stays fp32."""
+    import torch.nn.functional as F
+
+    import fewshot_runner.ops as ops
+    from fewshot_runner.backbones import use_channels_last
+
+    seen = []
+    real = ops.bn_relu_pool
+
+    def spy(x, *a, **k):
+        seen.append(x.dtype)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(ops, "bn_relu_pool", spy)
+    torch.manual_seed(0)
+    net = use_channels_last(Conv4((1, 28, 28), hidden=16, pool=True, fused_ops="on"))
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(40, 1, 28, 28, generator=g).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.float32 and seen == [torch.float32] * 3  # blocks 2-4 (block 1: the stem)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h0 = net.blocks[0](x)
+    ref0 = F.max_pool2d(F.relu(net.blocks[0].bn(net.blocks[0].conv(x))), 2)  # the stem: fp32 throughout
+    torch.testing.assert_close(h0, ref0, rtol=1e-4, atol=1e-5)
+    for block in net.blocks[1:]:
+        h = h0.detach().requires_grad_()
+        conv, bn = block.conv, block.bn
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = block(h)
+        z = F.conv2d(h.bfloat16(), conv.weight.bfloat16(), conv.bias.bfloat16(), padding=1).float()
+        want = F.max_pool2d(F.relu(F.batch_norm(z, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)), 2)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        gp = torch.randn(got.shape, generator=g)
+        wrt = (h, conv.weight, conv.bias, bn.weight, bn.bias)
+        ga = torch.autograd.grad(got, wrt, gp)
+        gb = torch.autograd.grad(want, wrt, gp)
+        for name, a, b in zip(("input", "conv.weight", "conv.bias", "bn.weight", "bn.bias"), ga, gb):
+            # the same ops in the same precisions: equal but for a rare bf16 rounding flipped by a
+            # different fp32 summation order (one flip: 2^-9 of that element)
+            # (the conv bias is removed by batch norm: its gradient is rounding noise, measured
+            # against the size of the weight gradient)
+            scale = (gb[1] if name == "conv.bias" else b).float().norm()
+            err = ((a.float() - b.float()).norm() / scale).item()
+            assert err <= 1e-3, (name, err)
+        h0 = got.detach()

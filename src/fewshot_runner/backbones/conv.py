@@ -49,6 +49,9 @@ class ConvBlock(nn.Module):
         if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)
             from fewshot_runner.ops import bn_relu_pool
 
+            if x.dtype == torch.bfloat16:  # bf16 autocast: the conv ran in bf16; the fused op computes in fp32
+                x = x.float()
+
             return self._fused_bn(x, lambda stats: bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool,
                                                                 return_stats=stats))
         x = F.relu(bn(x))
