@@ -504,9 +504,7 @@ def run_child(args) -> dict:
         sampler = cls(split, case.n_way, case.n_shot, case.n_query, seed=SEED_EPISODES)
         step = lambda: sampler.sample(case.meta_batch)  # noqa: E731
     elif args.impl == "fast":
-        fused, why = fused_ops_mode()
-        if args.precision != "fp32":  # unfused: the gradient check then runs on the smooth twin
-            fused, why = "off", f"off under {args.precision} autocast"
+        fused, why = fused_ops_mode()  # under bf16 autocast too: the fused ops then take the widened conv maps
         out["fused_ops"] = fused
         out["fused_ops_note"] = why
         out["precision"] = args.precision
@@ -675,7 +673,7 @@ def run_parent(args) -> int:
     console.print(f"fused ops: {fused}" + (f" ({why})" if why else "")
                   + f"   allocator: {' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} for fast and ref; "
                   f"ref also under glibc defaults   mode: {'quick' if args.quick else 'full'}"
-                  + (f"   fast path precision: {args.precision} (autocast, unfused)" if args.precision != "fp32" else "")
+                  + (f"   fast path precision: {args.precision} (autocast)" if args.precision != "fp32" else "")
                   + (" tiny" if args.tiny else ""))
     load = os.getloadavg()[0]
     if load > 0.5:

@@ -35,6 +35,9 @@ class OmniglotConfig(DataConfig):
     root: Optional[str] = None  # None: $FEWSHOT_DATA/omniglot, else ~/.cache/fewshot/omniglot
     download: bool = False
     image_size: int = 28
+    # vinyals: the Vinyals et al. split (whole alphabets held out; ProtoNet, Matching Nets); maml: the
+    # MAML paper's random split of all characters (1,100 / 100 / 423; test alphabets seen in training)
+    split_scheme: str = "vinyals"
 
 
 @dataclass

@@ -352,6 +352,31 @@ def test_bad_arguments(tmp_path, split_dir):
         load_split_names("vinyals", split_dir)
 
 
+def test_maml_split_scheme_is_a_seeded_random_character_split():
+    """data.split_scheme=maml: characters shuffled (seed 1) into train / val / rest, four rotations each,
+    the same split whatever order the characters come in, and different from another seed's."""
+    from fewshot_runner.data.omniglot import random_character_split
+
+    chars = [f"A{a}/character{c:02d}" for a in range(6) for c in range(1, 11)]  # 60 characters, 6 alphabets
+    split = random_character_split(chars, n_train=40, n_val=5)
+    assert {k: len(v) for k, v in split.items()} == {"train": 160, "val": 20, "test": 60, "trainval": 180}
+    assert split["trainval"] == split["train"] + split["val"]
+    per = {k: {n.rsplit("/", 1)[0] for n in split[k]} for k in ("train", "val", "test")}
+    assert not (per["train"] & per["val"] or per["train"] & per["test"] or per["val"] & per["test"])
+    assert set().union(*per.values()) == set(chars)
+    assert split["test"][:4] == [f"{sorted(per['test'])[0]}/rot{r:03d}" for r in (0, 90, 180, 270)]
+    alphabets = {k: {c.split("/")[0] for c in v} for k, v in per.items()}
+    assert alphabets["test"] & alphabets["train"]  # not alphabet-disjoint, unlike the Vinyals split
+    assert random_character_split(list(reversed(chars)), n_train=40, n_val=5) == split
+    assert random_character_split(chars, n_train=40, n_val=5, seed=2)["test"] != split["test"]
+
+
+def test_maml_split_scheme_needs_the_full_data(tmp_path, cache_dir):
+    write_zips(tmp_path)
+    with pytest.raises(DataError, match="split_scheme=maml needs more than 1200 characters"):
+        Omniglot(root=str(tmp_path), split_scheme="maml", cache_dir=cache_dir, workers=1)
+
+
 # ----------------------------------------------------------------------------- download
 def test_download_uses_torchvision_for_missing_sets(tmp_path, split_dir, monkeypatch):
     import torchvision.datasets
@@ -444,6 +469,20 @@ def test_real_omniglot_vinyals_split(real_omniglot, record_property):
     names = {s: set(ds.split(s).class_names) for s in ("train", "val", "test")}
     chars = {s: {n.rsplit("/", 1)[0] for n in v} for s, v in names.items()}
     assert not (chars["train"] & chars["val"] or chars["train"] & chars["test"] or chars["val"] & chars["test"])
+
+
+def test_real_omniglot_maml_split(real_omniglot):
+    """The MAML paper's protocol on the real data: 1,100 / 100 / 423 characters (x4 rotations), disjoint,
+    covering all 1,623; test characters come from alphabets seen in training."""
+    root, cache, _, _ = real_omniglot
+    ds = Omniglot(root=str(root), cache_dir=cache, split_scheme="maml")  # the decoded images come from the cache
+    assert {s: ds.split(s).n_classes for s in ("train", "val", "test", "trainval")} == {
+        "train": 4400, "val": 400, "test": 1692, "trainval": 4800}
+    chars = {s: {n.rsplit("/", 1)[0] for n in ds.split(s).class_names} for s in ("train", "val", "test")}
+    assert not (chars["train"] & chars["val"] or chars["train"] & chars["test"] or chars["val"] & chars["test"])
+    assert len(set().union(*chars.values())) == 1623
+    alphabets = {s: {c.split("/")[0] for c in v} for s, v in chars.items()}
+    assert len(alphabets["test"] - alphabets["train"]) < len(alphabets["test"]) // 4
 
 
 def test_real_omniglot_images_are_bright_strokes_on_black(real_omniglot):

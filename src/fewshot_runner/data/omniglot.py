@@ -65,6 +65,34 @@ def _one_line(text: object) -> str:
 
 
 # ----------------------------------------------------------------------------- split files
+# The MAML paper's Omniglot protocol (Finn et al. 2017, its data_generator.py): all 1,623 characters of
+# both image sets shuffled and cut into 1,100 train, 100 validation and 423 test characters, so test
+# characters share alphabets with training ones (the Vinyals split holds out whole alphabets).
+MAML_SPLIT = {"train": 1100, "val": 100}  # the rest (423) is test
+MAML_SPLIT_SEED = 1
+GENERATED_SCHEMES = ("maml",)
+_ROTATIONS = ("rot000", "rot090", "rot180", "rot270")
+
+
+def random_character_split(char_names: list[str], n_train: int = MAML_SPLIT["train"], n_val: int = MAML_SPLIT["val"],
+                           seed: int = MAML_SPLIT_SEED) -> dict[str, list[str]]:
+    """Split scheme "maml": the characters (sorted, then shuffled by ``random.Random(seed)``) cut into
+    n_train / n_val / the rest, each character in its four rotations, as class names per split
+    (train, val, test, trainval).  Deterministic for a given set of characters; it follows the MAML
+    code's protocol, not its exact characters (that split depends on ``os.listdir`` order)."""
+    import random
+
+    chars = sorted(char_names)
+    if len(chars) < n_train + n_val + 1:
+        raise DataError(f"data.split_scheme=maml needs more than {n_train + n_val} characters, the data has {len(chars)}: "
+                        f"use the full Omniglot (images_background + images_evaluation) or data.split_scheme=vinyals")
+    random.Random(seed).shuffle(chars)
+    parts = {"train": chars[:n_train], "val": chars[n_train:n_train + n_val], "test": chars[n_train + n_val:]}
+    out = {k: [f"{c}/{r}" for c in sorted(v) for r in _ROTATIONS] for k, v in parts.items()}
+    out["trainval"] = out["train"] + out["val"]
+    return out
+
+
 def load_split_names(scheme: str = "vinyals", split_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """Class names per split, read from ``<split_dir>/{train,val,test,trainval}.txt``.
 
@@ -78,7 +106,8 @@ def load_split_names(scheme: str = "vinyals", split_dir: str | os.PathLike | Non
         base = splits_root.joinpath(scheme)
         if not base.is_dir():
             known = sorted(p.name for p in splits_root.iterdir() if p.is_dir()) if splits_root.is_dir() else []
-            raise DataError(f"unknown Omniglot split scheme {scheme!r}: use data.split_scheme={' or '.join(known) or 'vinyals'}")
+            known = sorted(set(known) | set(GENERATED_SCHEMES))
+            raise DataError(f"unknown Omniglot split scheme {scheme!r}: use data.split_scheme={' or '.join(known)}")
     else:
         base = Path(split_dir)
     out: dict[str, list[str]] = {}
@@ -502,7 +531,9 @@ def Omniglot(root: str | None = None, download: bool = False, image_size: int = 
         else ``~/.cache/fewshot/omniglot``.
     download: fetch the missing image sets with torchvision (needs internet).
     image_size: side of the square images; each split holds uint8 images (n, 1, image_size, image_size).
-    split_scheme: the split files shipped in the package (only "vinyals").
+    split_scheme: "vinyals" (the split files shipped in the package: Vinyals et al. 2016, whole alphabets
+        held out, as the ProtoNet and Matching Networks papers) or "maml" (the MAML paper's protocol:
+        a seeded random split of all characters, 1,100 / 100 / 423, see ``random_character_split``).
     rotations: (character, rotation) classes as in the split files; False keeps rot000 classes only.
     split_dir, cache_dir, workers: for tests and tools (split files from a folder, where the cache
         goes, decoding processes); Hydra configs do not set them.
@@ -511,7 +542,8 @@ def Omniglot(root: str | None = None, download: bool = False, image_size: int = 
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"data.image_size must be a positive integer (got {image_size!r})")
-    split_names = load_split_names(split_scheme, split_dir)
+    generated = split_scheme in GENERATED_SCHEMES and split_dir is None
+    split_names = None if generated else load_split_names(split_scheme, split_dir)
     root_path = resolve_root(root)
     if root_path.exists() and not root_path.is_dir():
         raise DataError(f"Omniglot root {root_path} is a file, not a folder: set data.root (or $FEWSHOT_DATA) to the folder "
@@ -534,6 +566,8 @@ def Omniglot(root: str | None = None, download: bool = False, image_size: int = 
                         f"put {missing[0]}.zip there, or pass data.download=true to fetch it")
 
     listing = list_characters(root_path, sources)
+    if split_names is None:
+        split_names = random_character_split(listing.names)
     path = cache_path(root_path, image_size, cache_dir)
     images = load_cache(path, listing, image_size)
     if images is None:
