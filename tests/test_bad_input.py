@@ -103,7 +103,7 @@ CASES = {
     "negative steps": (["train", "train.steps=-5"], ["train.steps=-5", "positive"]),
     "unknown on_nan": (["train", "train.on_nan=ignore"], ["train.on_nan=ignore", "stop, skip"]),
     "unknown precision": (["train", "device.precision=fp8"], ["device.precision=fp8", "fp32, bf16"]),
-    "unknown batch_tasks": (["train", "device.batch_tasks=yes"], ["device.batch_tasks=yes", "auto, on, off"]),
+    "unknown batch_tasks": (["train", "device.batch_tasks=yes"], ["device.batch_tasks=yes", "auto, on, groups, off"]),
     "unknown channels_last": (["train", "device.channels_last=sometimes"],
                               ["device.channels_last='sometimes'", "off, on, auto"]),
     "zero task threads": (["train", "device.task_threads=0"], ["device.task_threads='0'", "whole number >= 1"]),

@@ -76,7 +76,7 @@ class MAMLConfig:
     inner_steps: int = 1
     eval_inner_steps: int = 3
     first_order: bool = False
-    batch_tasks: str = "${device.batch_tasks}"  # off | on | auto: vmap over the tasks of a batch
+    batch_tasks: str = "${device.batch_tasks}"  # off | on (vmap) | groups (grouped convolutions) | auto
 
 
 @dataclass
@@ -90,7 +90,7 @@ class DeviceConfig:
     type: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast; opt-in, not exact)
     fused_ops: str = "auto"  # fused BN+ReLU+max-pool kernels: off | on | auto
-    batch_tasks: str = "auto"  # MAML: vmap over tasks: off | on | auto (on for CUDA)
+    batch_tasks: str = "auto"  # MAML: tasks of a batch at once: off | on (vmap) | groups (grouped convs, Conv4) | auto
     channels_last: str = "auto"  # NHWC convolutions: off | on | auto (on for CPU; true/false also accepted)
     task_threads: str = "auto"  # MAML on CPU: tasks of a batch in N threads of 1 core each; auto | N
     compile: bool = False

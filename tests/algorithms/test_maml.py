@@ -198,16 +198,54 @@ def test_vmapped_predict_builds_no_outer_graph():
 
 
 def test_batch_tasks_auto_on_cpu_and_a_bad_value_is_refused():
-    """auto on CPU: vmap only for small tasks on a net without max-pool blocks (measured, docs/speed.md)."""
+    """auto on CPU: small tasks at once (grouped convolutions on Conv4; vmap on other nets without
+    max-pool blocks), the loop otherwise (measured, docs/speed.md)."""
     small = make_episodes(n_tasks=2, n_way=5, n_shot=1, n_query=1, size=16)  # 10 images per task
     large = make_episodes(n_tasks=2, n_way=5, n_shot=1, n_query=15, size=16)  # 80
     strided = MAML(_conv4(pool=False), n_way=5, feature_dim=4, batch_tasks="auto")
     maxpool = MAML(_conv4(pool=True), n_way=5, feature_dim=4, batch_tasks="auto")
-    assert strided._batched(small) and not strided._batched(large)
-    assert not maxpool._batched(small) and not maxpool._batched(large)
+    assert strided._batched(small) == "groups" and strided._batched(large) == "off"
+    assert maxpool._batched(small) == "groups" and maxpool._batched(large) == "off"
+    assert not strided.runs_tasks_one_by_one(small) and maxpool.runs_tasks_one_by_one(large)
     strided.batch_tasks = "off"
-    assert not strided._batched(small)
+    assert strided._batched(small) == "off"
     maxpool.batch_tasks = "on"
-    assert maxpool._batched(large)
+    assert maxpool._batched(large) == "on"
     with pytest.raises(UserError, match="batch_tasks"):
         MAML(SmoothConv(), n_way=3, feature_dim=12, batch_tasks="yes")
+    smooth = MAML(SmoothConv(), n_way=3, feature_dim=12, batch_tasks="groups")
+    with pytest.raises(UserError, match="batch_tasks=groups needs a Conv4 backbone"):
+        smooth.meta_loss(make_episodes())
+
+
+# ----------------------------------------------------------------------------- batch_tasks=groups
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("fused_ops", ["on", "off"])
+@pytest.mark.parametrize("pool", [True, False], ids=["maxpool", "strided"])
+def test_grouped_tasks_give_the_loop_meta_gradient_in_float64(pool, fused_ops, first_order):
+    """device.batch_tasks=groups (each task's weights as the groups of grouped convolutions, one
+    autograd.grad for every task's inner step, the fused batch-norm op or the plain one) against the
+    per-task loop: same loss, meta-gradient and test-time predictions to 1e-9 in float64, 2 inner steps."""
+    from fewshot_runner.backbones.conv import Conv4
+
+    eps = make_episodes(n_tasks=3, size=16)
+    nets = []
+    for mode in ("off", "groups"):
+        torch.manual_seed(0)
+        backbone = Conv4((1, 16, 16), hidden=4, pool=pool, fused_ops=fused_ops)
+        nets.append(MAML(backbone, n_way=3, feature_dim=4, inner_lr=0.3, inner_steps=2, eval_inner_steps=3,
+                         first_order=first_order, batch_tasks=mode).double())
+    loop, grouped = nets
+    la, ma, ga = grads_of(loop, eps)
+    lb, mb, gb = grads_of(grouped, eps)
+    torch.testing.assert_close(lb, la, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mb["acc"], ma["acc"])
+    for (name, _), a, b in zip(loop.named_parameters(), ga, gb):
+        if name.endswith("conv.bias"):  # removed by batch norm: an exact 0, up to rounding
+            assert a.abs().max() < 1e-12 and b.abs().max() < 1e-12, name
+            continue
+        err = ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+        assert err < 1e-9, (name, err)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped.predict(eps), loop.predict(eps), rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for p in grouped.parameters())

@@ -64,6 +64,35 @@ def adapt_batched(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tens
     return vmap(one_task, in_dims=(None, 0, 0, 0), randomness="same")(params, x, y, xq)
 
 
+def grouped_forward(net: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """``net`` = Sequential(backbone with ``forward_tasks``, Linear head) on T tasks at once, each with
+    its own weights: params (T, *shape), x (T, N, ...) -> logits (T, N, n_way)."""
+    backbone, head = net[0], net[1]
+    feats = backbone.forward_tasks(x, {k[2:]: v for k, v in params.items() if k.startswith("0.")})
+    w, b = params["1.weight"], params.get("1.bias")
+    logits = torch.bmm(feats, w.transpose(1, 2))
+    return logits + b.unsqueeze(1) if b is not None else logits
+
+
+def adapt_grouped(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, lr: float,
+                  steps: int, create_graph: bool) -> torch.Tensor:
+    """:func:`adapt_batched` without torch.func: every task gets its own copy of the weights (a
+    (T, ...) expand of the meta-parameters), the backbone runs the tasks as the groups of grouped
+    convolutions (``forward_tasks``), and one ``autograd.grad`` of the summed support losses gives each
+    task its own inner gradient (task t's loss depends on task t's copy only).  Plain autograd, so the
+    fused batch-norm op (exact double backward) applies, and none of vmap's per-op overhead: the MAML
+    Omniglot net's 32-task step on 2 CPU cores (docs/speed.md).  Returns the query logits (T, Q, n_way).
+    """
+    t, s = y.shape
+    fast = {k: v.unsqueeze(0).expand(t, *v.shape) for k, v in params.items()}
+    for _ in range(steps):
+        logits = grouped_forward(net, fast, x)
+        loss = cross_entropy(logits.flatten(0, 1), y.flatten()) * t  # = sum over tasks of each task's mean loss
+        grads = torch.autograd.grad(loss, tuple(fast.values()), create_graph=create_graph)
+        fast = {k: p - lr * g for (k, p), g in zip(fast.items(), grads)}
+    return grouped_forward(net, fast, xq)
+
+
 def disable_running_stats(module: nn.Module) -> None:
     """Make every batch norm use batch statistics in train and eval mode (as in MAML)."""
     for m in module.modules():
@@ -74,9 +103,15 @@ def disable_running_stats(module: nn.Module) -> None:
             m.num_batches_tracked = None
 
 
-# device.batch_tasks=auto on CPU: vmap over tasks pays for tasks this small (strided Omniglot net,
-# 32-task steps, measured here: 10 images per task 1.9x the loop, 20: 1.55x, 30: 1.5x, 80: 0.86x).
-CPU_VMAP_MAX_IMAGES = 32
+# device.batch_tasks: off (task after task), on (torch.func.vmap over the tasks), groups (the tasks as
+# the groups of grouped convolutions, Conv4 only: adapt_grouped), auto (see MAML)
+BATCH_TASKS = ("off", "on", "groups", "auto")
+
+# device.batch_tasks=auto on CPU: the tasks at once pay for tasks this small (32-task steps, 2 cores,
+# docs/speed.md): strided Omniglot net, 10 images per task: groups 166, vmap 205, loop 258 ms;
+# 20: 221 / 293 / 299; 80: 558 / 879 / 507.  Max-pool net: 10 images: groups 306, loop 359; 80:
+# 1,143 vs 877 (vmap is slower than the loop there at every size).
+CPU_BATCHED_MAX_IMAGES = 32
 
 
 class MAML(nn.Module):
@@ -88,12 +123,13 @@ class MAML(nn.Module):
 
     batch_tasks: ``off`` adapts task after task (the plain loop); ``on`` adapts all tasks of a
     batch at once with ``torch.func.vmap`` (:func:`adapt_batched`; memory grows with the tasks per
-    chunk, see ``train.task_chunk``); ``auto``: ``on`` for CUDA tensors; on CPU ``on`` only for small
-    tasks (at most ``CPU_VMAP_MAX_IMAGES`` support + query images) on a backbone without max-pool
-    blocks, where the per-task loop is dominated by per-op overhead (the MAML paper's strided
-    Omniglot net, 1 query per class: vmap 340 vs loop 650 ms per 32-task step here), else ``off``
-    (with 15 queries per class, or with the fused max-pool kernels, the loop is faster: docs/speed.md).
-    Both compute the same meta-gradient (tests/algorithms/test_maml.py checks it in float64).
+    chunk, see ``train.task_chunk``); ``groups`` too, with each task's weights as the groups of
+    grouped convolutions and plain autograd (:func:`adapt_grouped`, Conv4 backbones); ``auto``:
+    ``on`` for CUDA tensors; on CPU, for small tasks (at most ``CPU_BATCHED_MAX_IMAGES`` support +
+    query images: the MAML paper's Omniglot setting, 1 query per class) ``groups`` on Conv4, ``on``
+    on other nets without max-pool blocks, else ``off`` (with 15 queries per class the loop, with
+    the fused kernels and task threads, is faster: docs/speed.md).  All compute the same
+    meta-gradient (tests/algorithms/test_maml.py checks them against the loop in float64).
     """
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: float = 0.4,
@@ -102,14 +138,15 @@ class MAML(nn.Module):
         super().__init__()
         if inner_steps < 1 or eval_inner_steps < 1:
             raise UserError("algo.inner_steps and algo.eval_inner_steps must be >= 1")
-        if batch_tasks not in ("off", "on", "auto"):
-            raise UserError(f"batch_tasks={batch_tasks!r} is not one of off, on, auto; use device.batch_tasks=auto")
+        if batch_tasks not in BATCH_TASKS:
+            raise UserError(f"batch_tasks={batch_tasks!r} is not one of {', '.join(BATCH_TASKS)}; use device.batch_tasks=auto")
         self.net = nn.Sequential(backbone, nn.Linear(feature_dim, n_way))
         disable_running_stats(self.net)
         make_transform_safe(self.net)  # batch norm from primitives under vmap (correct second order)
         self.batch_tasks = batch_tasks
         # (ConvBlock.pool: max-pool blocks, where the fused kernels make the per-task loop faster)
         self._cpu_vmap_ok = not any(getattr(m, "pool", False) is True for m in backbone.modules())
+        self._groups_ok = hasattr(backbone, "forward_tasks")  # (Conv4)
         self.n_way = n_way
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -121,7 +158,7 @@ class MAML(nn.Module):
     independent_tasks = True
 
     def runs_tasks_one_by_one(self, episodes: Episode) -> bool:
-        return not self._batched(episodes)
+        return self._batched(episodes) == "off"
 
     def meta_params(self) -> Params:
         return dict(self.net.named_parameters())
@@ -133,19 +170,33 @@ class MAML(nn.Module):
         logits = functional_call(self.net, fast, (ep.query_x,))
         return cross_entropy(logits, ep.query_y), logits
 
-    def _batched(self, episodes: Episode) -> bool:
-        if self.batch_tasks != "auto":
-            return self.batch_tasks == "on"
+    def _batched(self, episodes: Episode) -> str:
+        """How this batch's tasks run: "off" (one by one), "on" (vmap) or "groups" (adapt_grouped)."""
+        mode = self.batch_tasks
+        if mode == "groups" and not self._groups_ok:
+            raise UserError(f"device.batch_tasks=groups needs a Conv4 backbone (this one is "
+                            f"{type(self.net[0]).__name__}); use device.batch_tasks=on (vmap) or auto")
+        if mode != "auto":
+            return mode
         if episodes.support_x.is_cuda:
-            return True
+            return "on"
         per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
-        return self._cpu_vmap_ok and per_task <= CPU_VMAP_MAX_IMAGES
+        if per_task > CPU_BATCHED_MAX_IMAGES:
+            return "off"
+        if self._groups_ok:
+            return "groups"
+        return "on" if self._cpu_vmap_ok else "off"
+
+    def _adapt_all(self, mode: str, params: Params, episodes: Episode, steps: int, create_graph: bool):
+        adapt_fn = adapt_grouped if mode == "groups" else adapt_batched
+        return adapt_fn(self.net, params, episodes.support_x, episodes.support_y, episodes.query_x,
+                        self.inner_lr, steps, create_graph=create_graph)
 
     def meta_loss(self, episodes: Episode):
         params = self.meta_params()
-        if self._batched(episodes):
-            logits = adapt_batched(self.net, params, episodes.support_x, episodes.support_y, episodes.query_x,
-                                   self.inner_lr, self.inner_steps, create_graph=not self.first_order)
+        mode = self._batched(episodes)
+        if mode != "off":
+            logits = self._adapt_all(mode, params, episodes, self.inner_steps, create_graph=not self.first_order)
             loss = cross_entropy(logits, episodes.query_y)  # the mean over tasks of equal-size query sets
             acc = accuracy(logits.detach(), episodes.query_y)
             return loss, {"loss": loss.detach(), "acc": acc}
@@ -160,11 +211,14 @@ class MAML(nn.Module):
 
     def predict(self, episodes: Episode) -> torch.Tensor:
         self.check_n_way(episodes.n_way)
-        if self._batched(episodes):  # torch.func.grad needs no enable_grad; no outer graph is built
+        mode = self._batched(episodes)
+        if mode == "on":  # torch.func.grad needs no enable_grad; no outer graph is built
             params = {k: v.detach() for k, v in self.meta_params().items()}
-            logits = adapt_batched(self.net, params, episodes.support_x, episodes.support_y, episodes.query_x,
-                                   self.inner_lr, self.eval_inner_steps, create_graph=False)
-            return logits.detach()
+            return self._adapt_all(mode, params, episodes, self.eval_inner_steps, create_graph=False).detach()
+        if mode == "groups":
+            params = {k: v.detach().requires_grad_() for k, v in self.meta_params().items()}
+            with torch.enable_grad():
+                return self._adapt_all(mode, params, episodes, self.eval_inner_steps, create_graph=False).detach()
         params = {k: v.detach().requires_grad_() for k, v in self.meta_params().items()}
         out = []
         for t in range(episodes.n_tasks):

@@ -57,6 +57,27 @@ class ConvBlock(nn.Module):
         x = F.relu(bn(x))
         return F.max_pool2d(x, 2) if self.pool else x
 
+    def forward_tasks(self, x: torch.Tensor, p: dict[str, torch.Tensor], n_tasks: int) -> torch.Tensor:
+        """This block for ``n_tasks`` tasks at once, each with its own weights: x is (N, T*C_in, H, W),
+        task t's maps in channels [t*C_in, (t+1)*C_in); p holds (T, ...) ``conv.weight``, ``conv.bias``,
+        ``bn.weight``, ``bn.bias``.  One grouped convolution (groups = T), then batch norm over each
+        (task, channel) with batch statistics, as in MAML (the fused op where it is on, else the
+        plain ops; neither under torch.func transforms, see adapt_grouped)."""
+        conv, bn = self.conv, self.bn
+        w = p["conv.weight"]
+        w = w.reshape(n_tasks * w.shape[1], *w.shape[2:])
+        b = p["conv.bias"].reshape(-1) if p.get("conv.bias") is not None else None
+        x = F.conv2d(x, w, b, conv.stride, conv.padding, groups=n_tasks)
+        gamma, beta = p["bn.weight"].reshape(-1), p["bn.bias"].reshape(-1)
+        if self.fused:
+            from fewshot_runner.ops import bn_relu_pool
+
+            if x.dtype == torch.bfloat16:  # bf16 autocast, as in forward
+                x = x.float()
+            return bn_relu_pool(x, gamma, beta, eps=bn.eps, pool=self.pool)
+        x = F.relu(F.batch_norm(x, None, None, gamma, beta, training=True, eps=bn.eps))
+        return F.max_pool2d(x, 2) if self.pool else x
+
     def _fused_bn(self, x: torch.Tensor, op) -> torch.Tensor:
         """A fused batch-statistics op (``op(return_stats)``: bn_relu_pool, or the stem op on the
         images x); training with running statistics (ProtoNet) updates them as nn.BatchNorm2d would."""
@@ -104,3 +125,19 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).flatten(1)
+
+    def forward_tasks(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features of T tasks at once, each task with its own weights (MAML's adapted nets).
+
+        x: (T, N, C, H, W); params: this module's parameter names -> (T, *shape) tensors.
+        Returns (T, N, feature_dim), equal to ``functional_call(self, params[t], x[t])`` for each t
+        when batch norm uses batch statistics (MAML).  The tasks run as the groups of grouped
+        convolutions, without torch.func: see ``fewshot_runner.algorithms.maml.adapt_grouped``.
+        """
+        t, n = x.shape[:2]
+        h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])  # (N, T*C, H, W)
+        for i, block in enumerate(self.blocks):
+            prefix = f"blocks.{i}."
+            p = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+            h = block.forward_tasks(h, p, t)
+        return h.reshape(n, t, -1).transpose(0, 1)
