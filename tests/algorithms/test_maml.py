@@ -249,3 +249,11 @@ def test_grouped_tasks_give_the_loop_meta_gradient_in_float64(pool, fused_ops, f
     with torch.no_grad():
         torch.testing.assert_close(grouped.predict(eps), loop.predict(eps), rtol=1e-9, atol=1e-12)
     assert all(p.grad is None for p in grouped.parameters())
+    # the fast path as it trains, in fp32, against the float64 meta-gradient: within 1e-3 (the bar)
+    grouped.float()
+    eps32 = Episode(eps.support_x.float(), eps.support_y, eps.query_x.float(), eps.query_y, eps.n_way)
+    _, _, g32 = grads_of(grouped, eps32)
+    for (name, _), a, b in zip(loop.named_parameters(), ga, g32):
+        if not name.endswith("conv.bias"):
+            err = ((b.double() - a).norm() / a.norm()).item()
+            assert err < 1e-3, (name, err)
