@@ -142,3 +142,34 @@ def test_bf16_autocast_runs_the_fused_ops_in_fp32(monkeypatch):
             err = ((a.float() - b.float()).norm() / scale).item()
             assert err <= 1e-3, (name, err)
         h0 = got.detach()
+
+
+def test_bf16_autocast_second_order_maml_runs_through_the_stem(monkeypatch):
+    """MAML's inner backward runs inside the autocast region: the stem's differentiable backward
+    recomputes its map in fp32 (it failed on a bf16 map).  bf16 second-order meta-gradients are far
+    from exact on this ReLU / max-pool net (~0.3-0.4 relative, with or without the stem, against
+    fp32's 1e-6): the stem's must be no worse than the unfused ops' under the same autocast."""
+    from fewshot_runner.backbones import use_channels_last
+
+    torch.manual_seed(0)
+    net = use_channels_last(Conv4((1, 28, 28), hidden=16, pool=True, fused_ops="on"))
+    assert net.blocks[0].stem
+    g = torch.Generator().manual_seed(6)
+    x_s, x_q = (torch.rand(n, 1, 28, 28, generator=g).to(memory_format=torch.channels_last) for n in (5, 15))
+    y_s, y_q = torch.arange(5), torch.arange(5).repeat(3)
+    head = torch.randn(16, 5, generator=g)
+    names = [n for n, _ in net.named_parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stem = maml_meta_grad(net, x_s, y_s, x_q, y_q, head)
+        monkeypatch.setenv("FEWSHOT_OPS_NO_STEM", "1")
+        plain = maml_meta_grad(net, x_s, y_s, x_q, y_q, head)
+    monkeypatch.delenv("FEWSHOT_OPS_NO_STEM")
+    ref = maml_meta_grad(net.double(), x_s.double(), y_s, x_q.double(), y_q, head.double())
+    keep = [i for i, n in enumerate(names) if not n.endswith("conv.bias")]  # (exactly 0: no relative error)
+
+    def rel_err(grads):
+        diff = torch.cat([(grads[i].double() - ref[i]).flatten() for i in keep])
+        return (diff.norm() / torch.cat([ref[i].flatten() for i in keep]).norm()).item()
+
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in stem)
+    assert rel_err(stem) <= 1.25 * rel_err(plain), (rel_err(stem), rel_err(plain))

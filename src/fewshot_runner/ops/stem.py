@@ -87,12 +87,15 @@ class _Stem(torch.autograd.Function):
         gout = gout.contiguous(memory_format=torch.channels_last)
         if torch.is_grad_enabled():  # create_graph: a backward that is differentiable again
             # all NHWC (as ConvBlock hands tensors to oneDNN), else oneDNN copies the full-size maps
+            # (in the forward's precision: under bf16 autocast, MAML's inner backward runs inside the
+            # autocast region, and the stem is fp32 throughout)
             cl = torch.channels_last
             img_cl, w_cl = img.to(memory_format=cl), weight.to(memory_format=cl)
-            z = F.conv2d(img_cl, w_cl, None, padding=1).contiguous(memory_format=cl)
-            gz, g_bw, g_bb = _brp._BNReluPoolBackward.apply(gout, z, bn_weight, mean, rstd, True, "ext", idx, xsel)
-            g_w = torch.ops.aten.convolution_backward(gz, img_cl, w_cl.detach(), None, [1, 1], [1, 1], [1, 1], False,
-                                                      [0, 0], 1, [False, True, False])[1] if need[1] else None
+            with torch.autocast(img.device.type, enabled=False):
+                z = F.conv2d(img_cl, w_cl, None, padding=1).contiguous(memory_format=cl)
+                gz, g_bw, g_bb = _brp._BNReluPoolBackward.apply(gout, z, bn_weight, mean, rstd, True, "ext", idx, xsel)
+                g_w = torch.ops.aten.convolution_backward(gz, img_cl, w_cl.detach(), None, [1, 1], [1, 1], [1, 1],
+                                                          False, [0, 0], 1, [False, True, False])[1] if need[1] else None
         else:
             g_w, g_bw, g_bb = _brp._ext.stem_backward(gout, img, weight, bn_weight, mean, rstd, idx, xsel,
                                                       cov, s)
