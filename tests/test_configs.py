@@ -56,6 +56,10 @@ def test_published_defaults(compose_cfg):
     assert compose_cfg(["algo=fomaml"]).algo.first_order is True
     proto = compose_cfg(["algo=protonet"])
     assert proto.train.meta_batch_size == 1 and proto.train.outer_lr == 1e-3
+    fast = compose_cfg(["experiment=protonet_omniglot_10min"])  # the README's under-10-minutes ProtoNet row
+    assert (fast.algo._target_.endswith("PrototypicalNetworks"), fast.data.train_n_way, fast.data.train_n_query,
+            fast.train.split, fast.train.steps, fast.train.lr_decay_every, fast.device.precision) == (
+        True, 100, 5, "trainval", 6500, 2000, "bf16")
     logger = compose_cfg([])
     assert "api_key" not in str(logger.logger).lower()
 
