@@ -64,6 +64,20 @@ def world(tmp_path_factory) -> Path:
     (w / "torn_run" / "results.json").unlink()
     (w / "torn_run" / "checkpoints" / "last.pt").write_bytes(good[:1000])
 
+    # a valid Omniglot layout with two characters (one per image set): too few for split_scheme=maml
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("1", (105, 105), 1).save(png, format="PNG")
+    (w / "fake_omniglot").mkdir()
+    for set_name, member in (("images_background", "Alpha/character01/0001_01.png"),
+                             ("images_evaluation", "Beta/character01/0002_01.png")):
+        with zipfile.ZipFile(w / "fake_omniglot" / f"{set_name}.zip", "w") as zf:
+            zf.writestr(f"{set_name}/{member}", png.getvalue())
+
     (w / "omniglot_empty").mkdir()
     corrupt = w / "omniglot_corrupt"
     corrupt.mkdir()
@@ -149,6 +163,12 @@ CASES = {
     "more shots than images": (["train", "data.n_shot=10", "data.n_query=15"], ["images per class", "data.n_shot"]),
     "eval with more ways than test classes": (["eval", f"checkpoint={LAST}", "data.n_way=100", "device=cpu"],
                                               ["data.n_way=100", "classes"]),
+    "unknown Omniglot split scheme": (["train", "data=omniglot", "data.split_scheme=alphabets"],
+                                      ["unknown Omniglot split scheme 'alphabets'", "maml or vinyals"]),
+    "maml split on too few characters": (["train", "data=omniglot", "data.split_scheme=maml", "data.root={w}/fake_omniglot"],
+                                         ["split_scheme=maml needs more than 1200 characters", "vinyals"]),
+    "grouped tasks on a non-conv backbone": (["train", "algo=maml", "backbone=mlp", "device.batch_tasks=groups"],
+                                             ["batch_tasks=groups needs a Conv4 backbone", "device.batch_tasks=on"]),
     "missing Omniglot": (["train", "data=omniglot", "data.root={w}/omniglot_empty"],
                          ["no Omniglot data", "data.download=true"]),
     "corrupt Omniglot zips": (["train", "data=omniglot", "data.root={w}/omniglot_corrupt"],

@@ -99,28 +99,30 @@ def test_bf16_autocast_runs_the_fused_ops_in_fp32(monkeypatch):
     out (bf16 conv, then the unfused fp32 ops) on the same input; the stem block stays fp32."""
     import torch.nn.functional as F
 
-    import fewshot_runner.ops as ops
+    import importlib
+
     from fewshot_runner.backbones import use_channels_last
 
+    brp = importlib.import_module("fewshot_runner.ops.bn_relu_pool")  # (the package exports the function)
     seen = []
-    real = ops.bn_relu_pool
+    real = brp._BNReluPool.apply
 
-    def spy(x, *a, **k):
-        seen.append(x.dtype)
-        return real(x, *a, **k)
+    def spy(x, weight, bias, eps, pool, backend):
+        seen.append((x.dtype, backend))
+        return real(x, weight, bias, eps, pool, backend)
 
-    monkeypatch.setattr(ops, "bn_relu_pool", spy)
+    monkeypatch.setattr(brp._BNReluPool, "apply", spy)
     torch.manual_seed(0)
     net = use_channels_last(Conv4((1, 28, 28), hidden=16, pool=True, fused_ops="on"))
     g = torch.Generator().manual_seed(4)
     x = torch.rand(40, 1, 28, 28, generator=g).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x)
-    assert out.dtype == torch.float32 and seen == [torch.float32] * 3  # blocks 2-4 (block 1: the stem)
+    # blocks 2-4 (block 1: the stem), as fp32 maps in the C++ kernels
+    assert out.dtype == torch.float32 and seen == [(torch.float32, "ext")] * 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h0 = net.blocks[0](x)
-    ref0 = F.max_pool2d(F.relu(net.blocks[0].bn(net.blocks[0].conv(x))), 2)  # the stem: fp32 throughout
-    torch.testing.assert_close(h0, ref0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h0, net.blocks[0](x), rtol=0, atol=0)  # the stem: fp32 throughout, autocast or not
     for block in net.blocks[1:]:
         h = h0.detach().requires_grad_()
         conv, bn = block.conv, block.bn

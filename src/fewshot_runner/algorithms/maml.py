@@ -83,7 +83,7 @@ def adapt_grouped(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tens
     fused batch-norm op (exact double backward) applies, and none of vmap's per-op overhead: the MAML
     Omniglot net's 32-task step on 2 CPU cores (docs/speed.md).  Returns the query logits (T, Q, n_way).
     """
-    t, s = y.shape
+    t = y.shape[0]
     fast = {k: v.unsqueeze(0).expand(t, *v.shape) for k, v in params.items()}
     for _ in range(steps):
         logits = grouped_forward(net, fast, x)
@@ -147,6 +147,9 @@ class MAML(nn.Module):
         # (ConvBlock.pool: max-pool blocks, where the fused kernels make the per-task loop faster)
         self._cpu_vmap_ok = not any(getattr(m, "pool", False) is True for m in backbone.modules())
         self._groups_ok = hasattr(backbone, "forward_tasks")  # (Conv4)
+        if batch_tasks == "groups" and not self._groups_ok:
+            raise UserError(f"device.batch_tasks=groups needs a Conv4 backbone (this one is "
+                            f"{type(backbone).__name__}); use device.batch_tasks=on (vmap) or auto")
         self.n_way = n_way
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -173,9 +176,6 @@ class MAML(nn.Module):
     def _batched(self, episodes: Episode) -> str:
         """How this batch's tasks run: "off" (one by one), "on" (vmap) or "groups" (adapt_grouped)."""
         mode = self.batch_tasks
-        if mode == "groups" and not self._groups_ok:
-            raise UserError(f"device.batch_tasks=groups needs a Conv4 backbone (this one is "
-                            f"{type(self.net[0]).__name__}); use device.batch_tasks=on (vmap) or auto")
         if mode != "auto":
             return mode
         if episodes.support_x.is_cuda:
@@ -215,11 +215,10 @@ class MAML(nn.Module):
         if mode == "on":  # torch.func.grad needs no enable_grad; no outer graph is built
             params = {k: v.detach() for k, v in self.meta_params().items()}
             return self._adapt_all(mode, params, episodes, self.eval_inner_steps, create_graph=False).detach()
+        params = {k: v.detach().requires_grad_() for k, v in self.meta_params().items()}
         if mode == "groups":
-            params = {k: v.detach().requires_grad_() for k, v in self.meta_params().items()}
             with torch.enable_grad():
                 return self._adapt_all(mode, params, episodes, self.eval_inner_steps, create_graph=False).detach()
-        params = {k: v.detach().requires_grad_() for k, v in self.meta_params().items()}
         out = []
         for t in range(episodes.n_tasks):
             ep = episodes.task(t)

@@ -49,9 +49,7 @@ class ConvBlock(nn.Module):
         if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)
             from fewshot_runner.ops import bn_relu_pool
 
-            if x.dtype == torch.bfloat16:  # bf16 autocast: the conv ran in bf16; the fused op computes in fp32
-                x = x.float()
-
+            # (under bf16 autocast x is the conv's bf16 output: the fused op widens it and runs in fp32)
             return self._fused_bn(x, lambda stats: bn_relu_pool(x, bn.weight, bn.bias, eps=bn.eps, pool=self.pool,
                                                                 return_stats=stats))
         x = F.relu(bn(x))
@@ -72,8 +70,6 @@ class ConvBlock(nn.Module):
         if self.fused:
             from fewshot_runner.ops import bn_relu_pool
 
-            if x.dtype == torch.bfloat16:  # bf16 autocast, as in forward
-                x = x.float()
             return bn_relu_pool(x, gamma, beta, eps=bn.eps, pool=self.pool)
         x = F.relu(F.batch_norm(x, None, None, gamma, beta, training=True, eps=bn.eps))
         return F.max_pool2d(x, 2) if self.pool else x

@@ -327,6 +327,8 @@ def bn_relu_pool(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torc
     "torch" (force the torch-ops implementation) or "ext" (require the C++ kernels).
     return_stats=True returns ``(out, mean, var)``: the per-channel batch mean and biased variance
     (detached), which a caller keeping running statistics needs (see ``update_running_stats``).
+    A bf16 / fp16 x with fp32 (or no) weights, such as a convolution's output under bf16 autocast, is
+    widened first: batch norm runs in fp32 (the C++ kernels where they apply) and the output is fp32.
     """
     if x.dim() != 4:
         raise ValueError(f"bn_relu_pool expects a 4-d (N, C, H, W) input, got shape {tuple(x.shape)}")
@@ -336,6 +338,8 @@ def bn_relu_pool(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torc
             raise ValueError(f"bn_relu_pool: {name} must have shape ({c},), got {tuple(t.shape)}")
     if pool and (x.shape[2] < 2 or x.shape[3] < 2):
         raise ValueError(f"bn_relu_pool: input {tuple(x.shape)} too small for a 2x2 max-pool")
+    if x.dtype in (torch.bfloat16, torch.float16) and all(t is None or t.dtype == torch.float32 for t in (weight, bias)):
+        x = x.float()
     if backend is None:
         backend = _backend(x, weight, bias)
     elif backend == "ext":
