@@ -334,7 +334,8 @@ def fused_ops_mode() -> tuple[str, str]:
     return "on", f"torch-ops fallback ({status.get('error')})"[:200]
 
 
-def package_learner(case: Case, device_type: str, threads: int, fused: str, precision: str = "fp32"):
+def package_learner(case: Case, device_type: str, threads: int, fused: str, precision: str = "fp32",
+                    extra: tuple[str, ...] = ()):
     """(algo, runtime, cfg) built the way ``fewshot train`` builds them."""
     from hydra import compose, initialize_config_dir
 
@@ -347,7 +348,7 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
     overrides = [f"algo={algo_name}", "backbone=conv4", "data=synthetic", f"device={device_type}",
                  f"device.fused_ops={fused}", f"device.threads={threads}", f"device.precision={precision}", "logger=none",
                  f"data.n_way={case.n_way}", f"data.n_shot={case.n_shot}", f"data.n_query={case.n_query}",
-                 f"backbone.hidden={HIDDEN}", "backbone.pool=true", f"train.outer_lr={OUTER_LR}"]
+                 f"backbone.hidden={HIDDEN}", "backbone.pool=true", f"train.outer_lr={OUTER_LR}", *extra]
     if case.workload == "maml":
         overrides += [f"algo.inner_lr={INNER_LR}", f"algo.inner_steps={case.inner_steps}",
                       f"algo.first_order={str(case.first_order).lower()}"]
@@ -364,13 +365,20 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
 def fast_step_fn(case: Case, algo, runtime, cfg, tiny: bool) -> Callable[[], float]:
     import torch
 
+    from fewshot_runner.engine.graphs import GraphedStep
+    from fewshot_runner.engine.memory import ChunkPlanner
     from fewshot_runner.engine.run import gradient_outer_step
 
     episodes = make_episodes(case, tiny, runtime.device)
     opt = torch.optim.Adam(algo.parameters(), lr=cfg.train.outer_lr)
+    planner = ChunkPlanner(runtime.memory_cap_mb) if runtime.memory_cap_mb else None  # as fewshot train builds them
+    graphed = GraphedStep(algo, runtime) if runtime.cuda_graphs else None
 
     def step() -> float:
-        return gradient_outer_step(algo, opt, episodes, runtime, cfg.train.task_chunk, cfg.train.grad_clip)["loss"]
+        return gradient_outer_step(algo, opt, episodes, runtime, cfg.train.task_chunk, cfg.train.grad_clip,
+                                   planner, graphed)["loss"]
+
+    step.planner, step.graphed = planner, graphed
 
     return step
 
@@ -508,16 +516,25 @@ def run_child(args) -> dict:
         out["fused_ops"] = fused
         out["fused_ops_note"] = why
         out["precision"] = args.precision
-        algo, runtime, cfg = package_learner(case, device.type, args.threads, fused, args.precision)
+        extra = (("device.cuda_graphs=on",) if args.cuda_graphs else ()) + \
+            ((f"device.memory_cap_mb={args.memory_cap_mb}",) if args.memory_cap_mb else ())
+        algo, runtime, cfg = package_learner(case, device.type, args.threads, fused, args.precision, extra)
         mode = getattr(algo, "batch_tasks", None)  # MAML: vmap over tasks (on CUDA with auto)
         out["batch_tasks"] = mode == "on" or (mode == "auto" and device.type == "cuda")
         step = fast_step_fn(case, algo, runtime, cfg, args.tiny)
+        out["cuda_graphs"] = bool(args.cuda_graphs)
+        out["memory_cap_mb"] = args.memory_cap_mb
     else:
         step = reference_step_fn(case, device, args.tiny)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out["times_ms"] = time_steps(step, args.warmup, args.iters, sync)
+    graphed, planner = getattr(step, "graphed", None), getattr(step, "planner", None)
+    if graphed is not None and graphed.failed:
+        out["cuda_graphs_failed"] = graphed.failed
+    if planner is not None:
+        out["task_chunk"] = planner.chunk
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_mem_kind"] = "cuda max_memory_allocated"
@@ -561,6 +578,9 @@ def spawn(case: Case, impl: str, device: str, warmup: int, iters: int, args, tun
            "--warmup", str(warmup), "--iters", str(iters), "--threads", str(args.threads),
            "--precision", args.precision]
     cmd += ["--tiny"] * args.tiny + ["--check"] * check
+    if impl == "fast":
+        cmd += ["--cuda-graphs"] * args.cuda_graphs + (["--memory-cap-mb", str(args.memory_cap_mb)]
+                                                       if args.memory_cap_mb else [])
     proc = subprocess.run(cmd, env=child_env(tuned_allocator), capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
@@ -722,12 +742,18 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="the fast path's device.precision (bf16: autocast, opt-in; the reference stays fp32)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the fast path with device.cuda_graphs=on (CUDA only; the reference stays eager)")
+    p.add_argument("--memory-cap-mb", type=float, metavar="MIB",
+                   help="the fast path with device.memory_cap_mb=MIB (chunks the meta-batch to stay under it)")
     # child mode
     p.add_argument("--impl", choices=["fast", "ref"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cuda_graphs and (not args.devices or "cpu" in args.devices.split(",")):
+        p.error("--cuda-graphs needs --devices cuda")
     if args.threads < 1 or (args.iters is not None and args.iters < 1) or (args.warmup is not None and args.warmup < 0):
         p.error("--threads and --iters must be >= 1, --warmup >= 0")
     return args

@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh prepare    # here (pip works): .whl/ with the packages the GPU image lacks
 #                                        # (hydra-core, omegaconf, antlr4 runtime) and shared_data/omniglot
 #   bash scripts/gpu_check.sh run [DIR]  # on the GPU machine (no network): writes DIR (default $OUT,
-#                                        # else ./gpu_check): nvidia-smi.txt, pytest_gpu.txt, bench_cuda.{json,txt}
+#                                        # else ./gpu_check): nvidia-smi.txt, pytest_gpu.txt, bench_cuda*.{json,txt}
 #
 # With the session's `device` tool: run `prepare` here, then
 #   run(command="bash scripts/gpu_check.sh run", carry=[".whl", "shared_data"], timeout_s=...)
@@ -40,6 +40,12 @@ run)
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
   python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu tests/ops 2>&1 | tee "$out/pytest_gpu.txt" | tail -5
   python3 scripts/bench.py --quick --devices cuda --json "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.txt" | tail -20
+  # the same MAML cases with the whole step as one CUDA graph, and with a 1 GiB cap chunking the meta-batch
+  maml=maml_5w1s_mb32_1step,maml_5w1s_mb32_5step,fomaml_5w1s_mb32_1step
+  python3 scripts/bench.py --quick --devices cuda --cases $maml --cuda-graphs --json "$out/bench_cuda_graphs.json" \
+    2>&1 | tee "$out/bench_cuda_graphs.txt" | tail -12
+  python3 scripts/bench.py --quick --devices cuda --cases $maml --memory-cap-mb 1024 --json "$out/bench_cuda_cap.json" \
+    2>&1 | tee "$out/bench_cuda_cap.txt" | tail -12
   ;;
 *)
   echo "usage: bash scripts/gpu_check.sh prepare | run [OUT_DIR]" >&2

@@ -94,6 +94,12 @@ class DeviceConfig:
     channels_last: str = "auto"  # NHWC convolutions: off | on | auto (on for CPU; true/false also accepted)
     task_threads: str = "auto"  # MAML on CPU: tasks of a batch in N threads of 1 core each; auto | N
     compile: bool = False
+    # the training step's forward and backward captured once as a CUDA graph and replayed: off | on | auto (off
+    # until measured on a GPU)
+    cuda_graphs: str = "off"
+    # MiB: split each meta-batch into the largest chunks of tasks whose forward/backward stays under it
+    # (measured on the first step; CUDA: allocated memory, CPU: the autograd graph's saved tensors); null: no cap
+    memory_cap_mb: Optional[float] = None
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     tune_allocator: bool = True  # the launcher re-execs with glibc malloc thresholds set
 

@@ -66,3 +66,52 @@ def test_task_chunks_bound_cuda_memory():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] < 0.5 * peaks[0], peaks
+
+
+def _train(algo, steps, runtime, graphed=None, planner=None):
+    from fewshot_runner.engine.run import gradient_outer_step
+
+    opt = torch.optim.Adam(algo.parameters(), lr=1e-2)
+    for i in range(steps):
+        eps = episodes("cuda", n_tasks=4) if i % 2 == 0 else episodes("cpu", n_tasks=4).map_tensors(
+            lambda t: t.flip(0).to("cuda"))  # new data each step
+        gradient_outer_step(algo, opt, eps, runtime, None, None, planner, graphed)
+    return [p.detach().cpu() for p in algo.parameters()]
+
+
+def test_cuda_graph_training_equals_eager_training_in_float64():
+    """device.cuda_graphs: the step captured once with torch.cuda.graph and replayed."""
+    from fewshot_runner.engine.device import Runtime
+    from fewshot_runner.engine.graphs import GraphedStep
+
+    rt = Runtime(torch.device("cuda"), None, False, cuda_graphs=True)
+    ref = _train(maml("auto", "cuda"), 4, rt)
+    algo = maml("auto", "cuda")
+    graphed = GraphedStep(algo, rt)
+    got = _train(algo, 4, rt, graphed)
+    assert graphed.failed is None, graphed.failed
+    assert graphed.backend.graph is not None
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_memory_cap_keeps_a_cuda_step_under_it():
+    """device.memory_cap_mb on CUDA: a quarter of the whole batch's peak gives chunks that stay under it."""
+    from fewshot_runner.engine.device import Runtime
+    from fewshot_runner.engine.memory import MB, ChunkPlanner, measure_peak
+    from fewshot_runner.engine.run import gradient_outer_step
+
+    rt = Runtime(torch.device("cuda"), None, False)
+    eps = episodes("cuda", n_tasks=32, dtype=torch.float32)
+    m = maml("on", "cuda", torch.float32)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    with measure_peak(rt.device) as whole:
+        gradient_outer_step(m, opt, eps, rt, None, None)
+    cap = whole[0] / MB / 4
+    planner = ChunkPlanner(cap)
+    m = maml("on", "cuda", torch.float32)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    for _ in range(3):
+        metrics = gradient_outer_step(m, opt, eps, rt, None, None, planner)
+    assert 1 <= planner.chunk < 32, planner
+    assert metrics["peak_mem_mb"] <= cap, (metrics, cap)

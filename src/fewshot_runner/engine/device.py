@@ -17,11 +17,13 @@ class Runtime:
     channels_last: bool
     compile: bool = False  # torch.compile where the learner supports it (see build_learner)
     task_threads: int = 1  # worker threads over the tasks of a meta-batch (CPU, see run.task_threads_for)
+    cuda_graphs: bool = False  # the training step's forward + backward as one CUDA graph (engine/graphs.py)
+    memory_cap_mb: float | None = None  # chunk meta-batches to stay under it (engine/memory.py)
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
 
 def resolve_runtime(cfg) -> Runtime:
@@ -44,8 +46,22 @@ def resolve_runtime(cfg) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     task_threads = _task_threads(cfg.get("task_threads", 1), kind)
+    graphs = _switch(cfg.get("cuda_graphs", "off"), "device.cuda_graphs")
+    if graphs == "on" and kind != "cuda":
+        raise UserError("device.cuda_graphs=on needs a CUDA GPU (this run is on the CPU); "
+                        "use device.cuda_graphs=auto or off")
+    # auto: off until measured on a GPU (no GPU has been available to this project yet: docs/speed.md)
+    cap = cfg.get("memory_cap_mb")
+    if cap is not None:
+        try:
+            cap = float(cap)
+        except (TypeError, ValueError):
+            cap = float("nan")
+        if not (cap > 0 and cap < float("inf")):
+            raise UserError(f"device.memory_cap_mb={cfg.get('memory_cap_mb')!r} is not a positive number of MiB; "
+                            f"use e.g. device.memory_cap_mb=8000, or null for no cap")
     return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, channels_last == "on",
-                   bool(cfg.compile), task_threads)
+                   bool(cfg.compile), task_threads, graphs == "on", cap)
 
 
 def _task_threads(value, kind: str) -> int:

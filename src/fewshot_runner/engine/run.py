@@ -21,6 +21,7 @@ Testing hook: ``$FEWSHOT_FAULT`` injects faults at chosen points (see :class:`Fa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -47,6 +48,8 @@ from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.console import console, progress_bar, results_table
 from fewshot_runner.engine.device import Runtime, resolve_runtime
 from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.graphs import GraphedStep
+from fewshot_runner.engine.memory import MB, ChunkPlanner, measure_peak
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import CheckpointError, UserError
 
@@ -143,34 +146,68 @@ def git_commit() -> str | None:
 
 # ----------------------------------------------------------------------------- outer steps
 def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, task_chunk: int | None,
-                        grad_clip: float | None) -> dict[str, float]:
+                        grad_clip: float | None, planner: ChunkPlanner | None = None,
+                        graphed: GraphedStep | None = None) -> dict[str, float]:
     """Zero grads, accumulate the meta-gradient over task chunks, step.
 
-    Returns the metrics averaged over tasks.  A non-finite loss skips the update and is
-    reported by the caller (metrics["loss"] is then nan/inf).
+    The chunks: ``task_chunk`` tasks each (None: the whole batch), or, with a ``planner``
+    (``device.memory_cap_mb``), as many as fit under its cap (its first step measures them: 1 task,
+    then 2, then the rest).  ``graphed`` (``device.cuda_graphs``, once the chunks are known): the
+    forward and backward of every chunk replayed as one CUDA graph.
+
+    Returns the metrics averaged over tasks (and ``peak_mem_mb`` where measured).  A non-finite
+    loss skips the update and is reported by the caller (metrics["loss"] is then nan/inf).
     """
-    optimizer.zero_grad(set_to_none=True)
     n = episodes.n_tasks
-    chunk = task_chunk or n
+    bounds = planner.bounds(n) if planner is not None else \
+        [(s, min(s + (task_chunk or n), n)) for s in range(0, n, task_chunk or n)]
+    out = graphed.run(episodes, bounds) if graphed is not None and bounds is not None else None
+    if out is not None:  # (no zero_grad: the replay overwrites the captured .grad tensors, see graphs.py)
+        sums = {k: float(v) for k, v in out.items()}
+        _update(algo, optimizer, sums, grad_clip)
+        return sums
+    optimizer.zero_grad(set_to_none=True)
+    probing = bounds is None  # the planner's first step
+    if probing:
+        bounds = planner.probe_bounds(n)
+    measure = probing or (planner is not None and runtime.device.type == "cuda")
     sums: dict[str, float] = {}
+    peaks: list[tuple[int, int]] = []
     threads = task_threads_for(algo, episodes, runtime)
-    for s in range(0, n, chunk):
-        part = episodes.tasks(s, min(s + chunk, n))
+    i = 0
+    while i < len(bounds):
+        s, e = bounds[i]
+        part = episodes.tasks(s, e)
         w = part.n_tasks / n
-        if threads > 1:
-            metrics = _threaded_backward(algo, part, runtime, threads, w)
-        else:
-            with runtime.autocast():
-                loss, metrics = algo.meta_loss(part)
-            if torch.isfinite(loss):
-                (loss * w).backward()
+        with measure_peak(runtime.device) if measure else contextlib.nullcontext([0]) as peak:
+            if threads > 1 and not probing:  # (the probe counts this thread's saved tensors)
+                metrics = _threaded_backward(algo, part, runtime, threads, w)
+            else:
+                with runtime.autocast():
+                    loss, metrics = algo.meta_loss(part)
+                if torch.isfinite(loss):
+                    (loss * w).backward()
+        if measure:
+            peaks.append((e - s, peak[0]))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * w
+        i += 1
+        if probing and i == len(bounds):
+            chunk = planner.fit(n, peaks)
+            bounds += [(a, min(a + chunk, n)) for a in range(bounds[-1][1], n, chunk)]
+            probing, measure = False, runtime.device.type == "cuda"
+    if planner is not None and peaks:
+        planner.observe([m / MB for _, m in peaks])
+        sums["peak_mem_mb"] = planner.last_peak_mb
+    _update(algo, optimizer, sums, grad_clip)
+    return sums
+
+
+def _update(algo, optimizer, sums: dict[str, float], grad_clip: float | None) -> None:
     if math.isfinite(sums["loss"]):
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(algo.parameters(), grad_clip)
         optimizer.step()
-    return sums
 
 
 # ----------------------------------------------------------------------------- task threads
@@ -437,6 +474,9 @@ def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path
     """
     run_dir = Path(run_dir)
     resolve_runtime(cfg.device)
+    if cfg.device.get("memory_cap_mb") is not None and cfg.train.get("task_chunk"):
+        raise UserError(f"train.task_chunk={cfg.train.task_chunk} and device.memory_cap_mb="
+                        f"{cfg.device.memory_cap_mb} both set the chunks of a batch; keep one (the other null)")
     if cfg.resume == "auto" and (run_dir / "results.json").exists():
         return None, None  # done already: train() skips it
     if not cfg.resume:
@@ -578,6 +618,12 @@ def _close(logger) -> list[str]:
         return [f"warning: closing the loggers failed ({type(e).__name__}: {e})"]
 
 
+def _oom_message(cfg, step: int) -> str:
+    return (f"out of GPU memory in training step {step} (train.meta_batch_size={cfg.train.meta_batch_size}); "
+            f"set device.memory_cap_mb (MiB, e.g. half the GPU's memory) to split each batch into chunks that fit, "
+            f"or train.task_chunk=N; then resume=auto (the last checkpoint is kept)")
+
+
 def _finite_model(algo) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in algo.parameters())
 
@@ -625,6 +671,14 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     scheduler = make_scheduler(optimizer, cfg.train)
     sampler = EpisodeSampler(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
     outer_step = getattr(algo, "outer_step", None)
+    planner = None
+    if runtime.memory_cap_mb is not None:
+        if outer_step is not None or not getattr(algo, "independent_tasks", False):
+            raise UserError(f"device.memory_cap_mb splits a meta-batch into chunks of tasks, which changes "
+                            f"{type(algo).__name__}'s objective (its tasks share batch norm or its update); "
+                            f"set device.memory_cap_mb=null and lower train.meta_batch_size instead")
+        planner = ChunkPlanner(runtime.memory_cap_mb)
+    graphed = GraphedStep(algo, runtime) if runtime.cuda_graphs and outer_step is None else None
 
     ckpt_dir = run_dir / "checkpoints"
     start_step, best_acc, best_step, wall_before = 0, -1.0, -1, 0.0
@@ -635,6 +689,8 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
         best_acc, best_step = float(state["best_val_acc"]), int(state["best_step"])
         window = {k: [float(x) for x in v] for k, v in (state.get("log_window") or {}).items()}
         wall_before = float(state.get("wall_time", 0.0))
+        if planner is not None and (state.get("chunk_plan") or {}).get("cap_mb") == planner.cap_mb:
+            planner.chunk = int(state["chunk_plan"]["chunk"])  # the same chunks as before the stop: same bits
         _adopt_run_files(resume_path, run_dir)
         _say(f"resuming from {resume_path} at step {start_step}")
     if cfg.resume:
@@ -655,6 +711,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
             "sampler": sampler.state_dict(), "rng": ckpt.rng_state(), "best_val_acc": best_acc,
             "best_step": best_step, "log_window": window, "wall_time": wall_before + time.time() - t_start,
+            "chunk_plan": {"cap_mb": planner.cap_mb, "chunk": planner.chunk} if planner is not None else None,
         }
 
     def save(name: str, step: int) -> None:
@@ -691,8 +748,19 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                 if outer_step is not None:
                     metrics = outer_step(episodes, optimizer)
                 else:
-                    metrics = gradient_outer_step(algo, optimizer, episodes, runtime, cfg.train.task_chunk,
-                                                  cfg.train.grad_clip)
+                    try:
+                        metrics = gradient_outer_step(algo, optimizer, episodes, runtime, cfg.train.task_chunk,
+                                                      cfg.train.grad_clip, planner, graphed)
+                    except torch.cuda.OutOfMemoryError:
+                        raise UserError(_oom_message(cfg, step + 1)) from None
+                    if graphed is not None and graphed.failed:
+                        _say(f"warning: {graphed.failed}; going on without CUDA graphs (device.cuda_graphs=off)")
+                        graphed = None
+                    for msg in planner.messages if planner is not None else ():
+                        _say(msg)
+                        logger.log_other("task_chunk", planner.chunk)
+                    if planner is not None:
+                        planner.messages.clear()
                 step += 1
                 faults.at("step", step)
                 if not math.isfinite(metrics["loss"]):
