@@ -621,7 +621,8 @@ def run_case(case: Case, device: str, args) -> dict:
     }
     for k in ("precision", "fused_ops", "fused_ops_note", "zero_grad_err", "ref_grad_rel_err", "grad_rel_err_fp64",
               "grad_rel_err_vs_ref_fp32",
-              "grad_check", "grad_check_tasks", "grad_check_fp64_note"):
+              "grad_check", "grad_check_tasks", "grad_check_fp64_note", "cuda_graphs", "cuda_graphs_failed",
+              "memory_cap_mb", "task_chunk"):
         if k in fast:
             row[k] = fast[k]
     if case.workload == "sampler":

@@ -45,6 +45,17 @@ def test_bench_rejects_an_unknown_case_by_name(tmp_path):
     assert not out.exists()
 
 
+def test_bench_memory_cap_chunks_the_fast_path_and_cuda_graphs_need_cuda(tmp_path):
+    proc, out = run_bench(tmp_path, "--cases", "maml_5w1s_mb32_1step", "--iters", "1", "--warmup", "0", "--tiny",
+                          "--devices", "cpu", "--threads", "1", "--no-check", "--memory-cap-mb", "20")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["memory_cap_mb"] == 20.0 and row["task_chunk"] == 1  # one 5w1s 15-query task: ~14-16 MiB saved
+    assert row["cuda_graphs"] is False
+    bad, _ = run_bench(tmp_path, "--cuda-graphs", "--devices", "cpu")
+    assert bad.returncode == 2 and "--cuda-graphs needs --devices cuda" in bad.stderr
+
+
 def test_step_time_prints_one_row_per_setting_and_names_a_failing_one(tmp_path):
     script = str(REPO / "scripts" / "step_time.py")
     common = ["--backbone", "conv4_strided", "--n-query", "1", "--tasks", "2", "--warmup", "0", "--iters", "1",
