@@ -56,6 +56,8 @@ def world(tmp_path_factory) -> Path:
     torch.save({**state, "format": 99}, bad / "format99.pt")
     torch.save({**state, "evil": _WritesMarker(w / "PWNED")}, bad / "pickled_code.pt")
     torch.save({**state, "optimizer": None, "sampler": "x"}, bad / "no_training_state.pt")
+    cosine = {**state["config"], "train": {**state["config"]["train"], "lr_schedule": "cosine"}}
+    torch.save({**state, "config": cosine}, bad / "cosine_2_steps.pt")  # as a cosine run of train.steps=2 writes
     (bad / "a_folder.pt").mkdir()
     (w / "not_a_folder.txt").write_text("a file where a folder is expected\n")
 
@@ -167,6 +169,13 @@ CASES = {
                                       ["unknown Omniglot split scheme 'alphabets'", "maml or vinyals"]),
     "maml split on too few characters": (["train", "data=omniglot", "data.split_scheme=maml", "data.root={w}/fake_omniglot"],
                                          ["split_scheme=maml needs more than 1200 characters", "vinyals"]),
+    "resume with another learning rate": (["train", "algo=protonet", "backbone.hidden=4", "train.outer_lr=0.01",
+                                           f"resume={LAST}"], ["was trained with train.outer_lr=0.001", "resume with"]),
+    "resume a cosine schedule for more steps": (["train", "algo=protonet", "backbone.hidden=4", "train.steps=10",
+                                                 "train.lr_schedule=cosine", "resume={w}/bad/cosine_2_steps.pt"],
+                                                ["train.steps=2", "cosine schedule is fixed to its steps"]),
+    "CUDA graphs without a GPU": (["train", "device.cuda_graphs=on"], ["device.cuda_graphs=on needs a CUDA GPU"]),
+    "a negative memory cap": (["train", "device.memory_cap_mb=-5"], ["device.memory_cap_mb=-5", "positive"]),
     "grouped tasks on a non-conv backbone": (["train", "algo=maml", "backbone=mlp", "device.batch_tasks=groups"],
                                              ["batch_tasks=groups needs a Conv4 backbone", "device.batch_tasks=on"]),
     "missing Omniglot": (["train", "data=omniglot", "data.root={w}/omniglot_empty"],
@@ -202,3 +211,16 @@ def test_bad_input_is_one_line_and_changes_nothing(world, tmp_path, name):
 def test_the_matrix_has_at_least_25_distinct_cases():
     assert len(CASES) >= 25
     assert len({tuple(a) for a, _ in CASES.values()}) == len(CASES)
+
+
+def test_a_step_schedule_run_resumed_with_more_steps_goes_on_to_them(world, tmp_path):
+    """The schedule check refuses only what the restored optimizer would silently ignore: a step (or
+    constant) schedule may be extended."""
+    import json
+
+    p = run_cli(["train", "debug=smoke", "algo=protonet", "backbone.hidden=4", "device.threads=1", "train.steps=4",
+                 "eval.n_episodes=4", f"resume={LAST.format(w=world)}", f"hydra.run.dir={tmp_path / 'more'}"],
+                tmp_path, env_extra={"FEWSHOT_FAULT": ""})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming from" in p.stdout and "at step 2" in p.stdout
+    assert json.loads((tmp_path / "more" / "results.json").read_text())["steps"] == 4

@@ -499,6 +499,19 @@ def _check_same_run(saved: dict, cfg: DictConfig, path: Path) -> None:
         if saved.get(key, {}).get("_target_") != now[key].get("_target_"):
             raise CheckpointError(f"checkpoint {path} was trained with {key} {saved.get(key, {}).get('_target_')}, "
                                   f"not {now[key].get('_target_')}; resume with the same {key}= as the original run")
+    # the optimizer's and scheduler's states come back from the checkpoint, so a changed learning rate or
+    # schedule would be ignored without a word (and a cosine schedule is fixed to its train.steps)
+    was, cur = saved.get("train") or {}, now.get("train") or {}
+    keys = ["lr_schedule", "outer_lr", "lr_decay_every", "lr_decay", "lr_min"]
+    if was.get("lr_schedule", "step") == "cosine":
+        keys.append("steps")
+    changed = [k for k in keys if k in was and was.get(k) != cur.get(k)]
+    if changed:
+        then = " ".join(f"train.{k}={was[k]}" for k in changed)
+        raise CheckpointError(f"checkpoint {path} was trained with {then}, which its optimizer and learning-rate "
+                              f"schedule carry on; resume with {then}"
+                              + (" (a cosine schedule is fixed to its steps; to train longer, start a new run "
+                                 "from scratch, or use train.lr_schedule=step)" if "steps" in changed else ""))
     if saved["data"].get("n_way") != now["data"].get("n_way") and "MAML" in str(now["algo"].get("_target_")):
         raise CheckpointError(f"checkpoint {path} has a {saved['data'].get('n_way')}-way head; resume with "
                               f"data.n_way={saved['data'].get('n_way')}")
