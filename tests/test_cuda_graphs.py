@@ -115,3 +115,31 @@ def test_cuda_graphs_on_without_a_gpu_is_one_clear_line(cli, tmp_path):
     p = cli("train", "debug=smoke", "device.cuda_graphs=on", f"hydra.run.dir={tmp_path / 'r'}")
     one_error_line(p, "device.cuda_graphs=on needs a CUDA GPU", "device.cuda_graphs=auto or off")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_the_training_loop_with_replayed_steps_ends_where_the_eager_loop_does(compose_cfg, tmp_path, monkeypatch):
+    """The engine's loop around the graph (validation between replays, checkpoints, the logged loss):
+    ``fewshot train`` with cuda_graphs on, here with the emulation on CPU, writes the eager run's weights."""
+    import dataclasses
+
+    import fewshot_runner.engine.run as run_mod
+    from fewshot_runner.engine.run import train
+
+    overrides = ["debug=smoke", "algo=maml", "train.steps=5", "train.meta_batch_size=3", "train.task_chunk=2"]
+    eager = train(compose_cfg(overrides), run_dir=tmp_path / "eager")
+    backends = []
+
+    def graphed_step(algo, runtime):
+        backends.append(EagerEmulation())
+        return GraphedStep(algo, runtime, backends[-1])
+
+    real_resolve = run_mod.resolve_runtime
+    monkeypatch.setattr(run_mod, "resolve_runtime", lambda c: dataclasses.replace(real_resolve(c), cuda_graphs=True))
+    monkeypatch.setattr(run_mod, "GraphedStep", graphed_step)
+    replayed = train(compose_cfg(overrides), run_dir=tmp_path / "graphs")
+    assert len(backends) == 1 and backends[0].captures == 1 and backends[0].replays == 5
+    a = torch.load(tmp_path / "eager" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "graphs" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert replayed["test/acc"] == eager["test/acc"]
