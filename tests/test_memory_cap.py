@@ -151,3 +151,23 @@ def test_task_chunk_and_memory_cap_together_are_refused(cli, tmp_path):
             f"hydra.run.dir={tmp_path / 'r'}")
     one_error_line(p, "train.task_chunk=2 and device.memory_cap_mb=100", "keep one")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_cap_and_keeps_the_checkpoint(compose_cfg, tmp_path, monkeypatch):
+    import fewshot_runner.engine.run as run_mod
+
+    real, calls = run_mod.gradient_outer_step, []
+
+    def runs_out_at_step_3(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(run_mod, "gradient_outer_step", runs_out_at_step_3)
+    with pytest.raises(UserError) as e:
+        run_mod.train(compose_cfg(["debug=smoke", "algo=maml"]), run_dir=tmp_path / "r")
+    msg = str(e.value)
+    assert "out of GPU memory in training step 3" in msg and "device.memory_cap_mb" in msg and "\n" not in msg
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 2
