@@ -118,7 +118,7 @@ CASES = {
     "zero-way episodes": (["train", "data.n_way=0"], ["data.n_way=0", "positive"]),
     "negative steps": (["train", "train.steps=-5"], ["train.steps=-5", "positive"]),
     "unknown on_nan": (["train", "train.on_nan=ignore"], ["train.on_nan=ignore", "stop, skip"]),
-    "unknown precision": (["train", "device.precision=fp8"], ["device.precision=fp8", "fp32, bf16"]),
+    "unknown precision": (["train", "device.precision=fp8"], ["device.precision=fp8", "fp32, bf16, auto"]),
     "unknown batch_tasks": (["train", "device.batch_tasks=yes"], ["device.batch_tasks=yes", "auto, on, groups, off"]),
     "unknown channels_last": (["train", "device.channels_last=sometimes"],
                               ["device.channels_last='sometimes'", "off, on, auto"]),

@@ -59,9 +59,28 @@ def test_published_defaults(compose_cfg):
     fast = compose_cfg(["experiment=protonet_omniglot_10min"])  # the README's under-10-minutes ProtoNet row
     assert (fast.algo._target_.endswith("PrototypicalNetworks"), fast.data.train_n_way, fast.data.train_n_query,
             fast.train.split, fast.train.steps, fast.train.lr_decay_every, fast.device.precision) == (
-        True, 100, 5, "trainval", 6500, 2000, "bf16")
+        True, 100, 5, "trainval", 6500, 2000, "auto")
     logger = compose_cfg([])
     assert "api_key" not in str(logger.logger).lower()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_precision_auto_is_bf16_only_on_a_cpu_with_amx(compose_cfg, monkeypatch, amx):
+    import fewshot_runner.engine.device as device_mod
+
+    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: amx)
+    rt = resolve_runtime(compose_cfg(["data=synthetic", "device=cpu", "device.precision=auto"]).device)
+    assert rt.autocast_dtype == (torch.bfloat16 if amx else None)
+    fixed = resolve_runtime(compose_cfg(["data=synthetic", "device=cpu", "device.precision=fp32"]).device)
+    assert fixed.autocast_dtype is None  # the default stays exact whatever the CPU
+
+
+def test_cpu_has_amx_agrees_with_the_cpu_flags():
+    from fewshot_runner.engine.device import cpu_has_amx
+
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        assert cpu_has_amx() == (" amx_tile" in info.read_text())
 
 
 @pytest.mark.parametrize("value,expected", [("auto", True), ("on", True), ("true", True), ("off", False),

@@ -225,7 +225,7 @@ def exception_text(e: BaseException) -> str:
 
 def check_values(command: str, cfg) -> None:
     """Cheap checks of values a schema cannot express."""
-    choices = {"device.type": ("auto", "cpu", "cuda"), "device.precision": ("fp32", "bf16"),
+    choices = {"device.type": ("auto", "cpu", "cuda"), "device.precision": ("fp32", "bf16", "auto"),
                "device.fused_ops": ("auto", "on", "off"), "device.batch_tasks": ("auto", "on", "groups", "off"),
                "logger.kind": ("auto", "comet", "comet_offline", "none"), "eval.split": ("train", "val", "test")}
     if command == "train":

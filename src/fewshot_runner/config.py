@@ -88,7 +88,7 @@ class ProtoNetConfig:
 @dataclass
 class DeviceConfig:
     type: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (autocast; opt-in, not exact)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; opt-in, not exact) | auto (bf16 on a CPU with AMX, else fp32)
     fused_ops: str = "auto"  # fused BN+ReLU+max-pool kernels: off | on | auto
     batch_tasks: str = "auto"  # MAML: tasks of a batch at once: off | on (vmap) | groups (grouped convs, Conv4) | auto
     channels_last: str = "auto"  # NHWC convolutions: off | on | auto (on for CPU; true/false also accepted)

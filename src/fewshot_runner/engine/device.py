@@ -35,8 +35,11 @@ def resolve_runtime(cfg) -> Runtime:
         raise UserError("device=cuda but no CUDA GPU is visible to torch; use device=cpu or device=auto")
     if kind not in ("cpu", "cuda"):
         raise UserError(f"device.type={cfg.type!r} is not one of auto, cpu, cuda")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UserError(f"device.precision={cfg.precision!r} is not one of fp32, bf16")
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        raise UserError(f"device.precision={cfg.precision!r} is not one of fp32, bf16, auto")
+    precision = cfg.precision
+    if precision == "auto":  # bf16 only where it was measured faster: a CPU with AMX (docs/speed.md)
+        precision = "bf16" if kind == "cpu" and cpu_has_amx() else "fp32"
     channels_last = _switch(cfg.get("channels_last", "off"), "device.channels_last")
     if channels_last == "auto":  # measured on CPU (docs/speed.md); unmeasured on GPUs, so off there
         channels_last = "on" if kind == "cpu" else "off"
@@ -60,8 +63,21 @@ def resolve_runtime(cfg) -> Runtime:
         if not (cap > 0 and cap < float("inf")):
             raise UserError(f"device.memory_cap_mb={cfg.get('memory_cap_mb')!r} is not a positive number of MiB; "
                             f"use e.g. device.memory_cap_mb=8000, or null for no cap")
-    return Runtime(torch.device(kind), torch.bfloat16 if cfg.precision == "bf16" else None, channels_last == "on",
+    return Runtime(torch.device(kind), torch.bfloat16 if precision == "bf16" else None, channels_last == "on",
                    bool(cfg.compile), task_threads, graphs == "on", cap)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN's fast bf16 convolutions).  Measured here: with AMX, bf16
+    convolutions ran ProtoNet's step 1.9x faster than fp32; on an AVX-512-BF16 Xeon without AMX, 0.71x."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # an older torch: read the flags
+        try:
+            with open("/proc/cpuinfo") as f:
+                return " amx_tile" in f.read()
+        except OSError:
+            return False
 
 
 def _task_threads(value, kind: str) -> int:
