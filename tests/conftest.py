@@ -17,6 +17,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
+def toy_episodes(n_tasks=5, n_way=3, n_query=2, dtype=None, seed=0, size=16):
+    """A batch of random 1-channel episodes (float64 unless ``dtype``), labels in order."""
+    import torch
+
+    from fewshot_runner.episode import Episode
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float64
+    sx = torch.rand(n_tasks, n_way, 1, size, size, generator=g, dtype=dtype)
+    qx = torch.rand(n_tasks, n_way * n_query, 1, size, size, generator=g, dtype=dtype)
+    sy = torch.arange(n_way).repeat(n_tasks, 1)
+    qy = torch.arange(n_way).repeat_interleave(n_query).repeat(n_tasks, 1)
+    return Episode(sx, sy, qx, qy, n_way)
+
+
 def real_data_root() -> Path | None:
     """The folder holding omniglot/ (CI and dev machines: ../shared/data), or $FEWSHOT_DATA."""
     for cand in (os.environ.get("FEWSHOT_DATA"), SHARED_DATA):

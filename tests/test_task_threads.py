@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import toy_episodes
 
 from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.engine.device import Runtime, resolve_runtime
 from fewshot_runner.engine.run import gradient_outer_step, task_threads_for
-from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
 
 
-def episodes(n_tasks=5, n_way=3, n_query=2, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.rand(n_tasks, n_way, 1, 16, 16, generator=g, dtype=dtype)
-    qx = torch.rand(n_tasks, n_way * n_query, 1, 16, 16, generator=g, dtype=dtype)
-    sy = torch.arange(n_way).repeat(n_tasks, 1)
-    qy = torch.arange(n_way).repeat_interleave(n_query).repeat(n_tasks, 1)
-    return Episode(sx, sy, qx, qy, n_way)
+def episodes(n_tasks=5, dtype=torch.float64):
+    return toy_episodes(n_tasks, dtype=dtype)
 
 
 def maml(dtype=torch.float64, pool=True):

@@ -36,6 +36,7 @@ class SavedTensorBytes:
     def __init__(self) -> None:
         self.bytes = 0
         self._seen: set[tuple[int, int]] = set()
+        self._held: list = []
 
     def _pack(self, t: torch.Tensor):
         try:
@@ -44,6 +45,7 @@ class SavedTensorBytes:
             key = (t.data_ptr(), size)
             if t.data_ptr() and key not in self._seen:
                 self._seen.add(key)
+                self._held.append(t.untyped_storage())  # held to the end: no address is reused meanwhile
                 self.bytes += size
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some wrappers)
             pass
@@ -55,8 +57,11 @@ class SavedTensorBytes:
 
     @contextlib.contextmanager
     def measure(self):
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield self
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            self._held.clear()
 
 
 @contextlib.contextmanager
