@@ -4,16 +4,19 @@ The tasks of a meta-batch are independent, so the meta-gradient is the weighted 
 gradients of any split of them into chunks (``run.gradient_outer_step``); a chunk's peak memory
 grows linearly with its tasks.  :class:`ChunkPlanner` measures it on the first outer step, no
 extra work: the first chunk is one task, the second two, and the rest of the batch runs in the
-largest chunk the line ``fixed + per_task * k`` fits under the cap.  On CUDA every later chunk is
-measured too (``torch.cuda.max_memory_allocated``, cheap) and the chunk shrinks if one went over;
-the step's peak is logged as ``train/peak_mem_mb``.
+largest chunk the line ``fixed + per_task * k`` fits under the cap; those chunks are measured too
+(on CPU that first step runs in one thread), and the largest chunk's peak is logged as
+``train/peak_mem_mb``.  On CUDA every later step is measured as well (``torch.cuda.max_memory_allocated``,
+no synchronisation) and the chunk shrinks if one went over the cap.
 
 What is measured:
 
 * CUDA: the peak of ``torch.cuda.max_memory_allocated`` during the chunk, above what was
   allocated when it began (the model, the optimizer state and the batch itself are not counted).
 * CPU: the bytes the chunk's autograd graph saves for its backward (``saved_tensors_hooks``;
-  each distinct tensor once, a view by the bytes it spans).  That is the part of a step's memory that grows with the tasks; the
+  each distinct tensor once, a view by the bytes it spans; a saved tensor freed early, as the inner
+  graphs of first-order MAML are, whose memory a later one reuses, counts once: an estimate of the
+  peak, not a sum).  That is the part of a step's memory that grows with the tasks; the
   allocator's own caching and short-lived temporaries are not in it.
 """
 
@@ -36,7 +39,6 @@ class SavedTensorBytes:
     def __init__(self) -> None:
         self.bytes = 0
         self._seen: set[tuple[int, int]] = set()
-        self._held: list = []
 
     def _pack(self, t: torch.Tensor):
         try:
@@ -45,7 +47,6 @@ class SavedTensorBytes:
             key = (t.data_ptr(), size)
             if t.data_ptr() and key not in self._seen:
                 self._seen.add(key)
-                self._held.append(t.untyped_storage())  # held to the end: no address is reused meanwhile
                 self.bytes += size
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some wrappers)
             pass
@@ -57,11 +58,8 @@ class SavedTensorBytes:
 
     @contextlib.contextmanager
     def measure(self):
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield self
-        finally:
-            self._held.clear()
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
 
 
 @contextlib.contextmanager
@@ -69,11 +67,9 @@ def measure_peak(device: torch.device):
     """Yields a one-element list that holds, after the block, its peak memory in bytes (see the module doc)."""
     out = [0]
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
+        base = torch.cuda.memory_allocated(device)  # (the allocator's own counts: no synchronisation needed)
         torch.cuda.reset_peak_memory_stats(device)
         yield out
-        torch.cuda.synchronize(device)
         out[0] = max(0, torch.cuda.max_memory_allocated(device) - base)
     else:
         probe = SavedTensorBytes()

@@ -167,10 +167,11 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
         _update(algo, optimizer, sums, grad_clip)
         return sums
     optimizer.zero_grad(set_to_none=True)
-    probing = bounds is None  # the planner's first step
+    probing = bounds is None  # the planner's first step: every chunk measured (on CPU only then), in this thread
     if probing:
         bounds = planner.probe_bounds(n)
     measure = probing or (planner is not None and runtime.device.type == "cuda")
+    first_fit = probing
     sums: dict[str, float] = {}
     peaks: list[tuple[int, int]] = []
     threads = task_threads_for(algo, episodes, runtime)
@@ -180,7 +181,7 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
         part = episodes.tasks(s, e)
         w = part.n_tasks / n
         with measure_peak(runtime.device) if measure else contextlib.nullcontext([0]) as peak:
-            if threads > 1 and not probing:  # (the probe counts this thread's saved tensors)
+            if threads > 1 and not first_fit:  # (the CPU probe counts this thread's saved tensors)
                 metrics = _threaded_backward(algo, part, runtime, threads, w)
             else:
                 with runtime.autocast():
@@ -195,8 +196,8 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
         if probing and i == len(bounds):
             chunk = planner.fit(n, peaks)
             bounds += [(a, min(a + chunk, n)) for a in range(bounds[-1][1], n, chunk)]
-            probing, measure = False, runtime.device.type == "cuda"
-    if planner is not None and peaks:
+            probing = False
+    if planner is not None and peaks:  # the largest chunk's peak (the probe chunks are smaller)
         planner.observe([m / MB for _, m in peaks])
         sums["peak_mem_mb"] = planner.last_peak_mb
     _update(algo, optimizer, sums, grad_clip)
