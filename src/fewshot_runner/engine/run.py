@@ -171,7 +171,7 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
     if probing:
         bounds = planner.probe_bounds(n)
     measure = probing or (planner is not None and runtime.device.type == "cuda")
-    first_fit = probing
+    planning_step = probing
     sums: dict[str, float] = {}
     peaks: list[tuple[int, int]] = []
     threads = task_threads_for(algo, episodes, runtime)
@@ -181,7 +181,7 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
         part = episodes.tasks(s, e)
         w = part.n_tasks / n
         with measure_peak(runtime.device) if measure else contextlib.nullcontext([0]) as peak:
-            if threads > 1 and not first_fit:  # (the CPU probe counts this thread's saved tensors)
+            if threads > 1 and not planning_step:  # (the CPU probe counts this thread's saved tensors)
                 metrics = _threaded_backward(algo, part, runtime, threads, w)
             else:
                 with runtime.autocast():
