@@ -174,6 +174,9 @@ CASES = {
     "resume a cosine schedule for more steps": (["train", "algo=protonet", "backbone.hidden=4", "train.steps=10",
                                                  "train.lr_schedule=cosine", "resume={w}/bad/cosine_2_steps.pt"],
                                                 ["train.steps=2", "cosine schedule is fixed to its steps"]),
+    "task chunks on a learner whose tasks share batch norm": (
+        ["train", "algo=protonet", "train.meta_batch_size=4", "train.task_chunk=2"],
+        ["train.task_chunk splits a meta-batch", "PrototypicalNetworks", "lower train.meta_batch_size"]),
     "CUDA graphs without a GPU": (["train", "device.cuda_graphs=on"], ["device.cuda_graphs=on needs a CUDA GPU"]),
     "a negative memory cap": (["train", "device.memory_cap_mb=-5"], ["device.memory_cap_mb=-5", "positive"]),
     "grouped tasks on a non-conv backbone": (["train", "algo=maml", "backbone=mlp", "device.batch_tasks=groups"],

@@ -686,11 +686,14 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     sampler = EpisodeSampler(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
     outer_step = getattr(algo, "outer_step", None)
     planner = None
+    chunk = cfg.train.task_chunk
+    splits = "device.memory_cap_mb" if runtime.memory_cap_mb is not None else (
+        "train.task_chunk" if chunk and chunk < cfg.train.meta_batch_size else None)
+    if splits and (outer_step is not None or not getattr(algo, "independent_tasks", False)):
+        raise UserError(f"{splits} splits a meta-batch into chunks of tasks, which changes {type(algo).__name__}'s "
+                        f"objective (its tasks share batch norm or its update); set {splits}=null and lower "
+                        f"train.meta_batch_size instead")
     if runtime.memory_cap_mb is not None:
-        if outer_step is not None or not getattr(algo, "independent_tasks", False):
-            raise UserError(f"device.memory_cap_mb splits a meta-batch into chunks of tasks, which changes "
-                            f"{type(algo).__name__}'s objective (its tasks share batch norm or its update); "
-                            f"set device.memory_cap_mb=null and lower train.meta_batch_size instead")
         planner = ChunkPlanner(runtime.memory_cap_mb)
     graphed = GraphedStep(algo, runtime) if runtime.cuda_graphs and outer_step is None else None
 
