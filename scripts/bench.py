@@ -365,14 +365,11 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
 def fast_step_fn(case: Case, algo, runtime, cfg, tiny: bool) -> Callable[[], float]:
     import torch
 
-    from fewshot_runner.engine.graphs import GraphedStep
-    from fewshot_runner.engine.memory import ChunkPlanner
-    from fewshot_runner.engine.run import gradient_outer_step
+    from fewshot_runner.engine.run import gradient_outer_step, step_helpers
 
     episodes = make_episodes(case, tiny, runtime.device)
     opt = torch.optim.Adam(algo.parameters(), lr=cfg.train.outer_lr)
-    planner = ChunkPlanner(runtime.memory_cap_mb) if runtime.memory_cap_mb else None  # as fewshot train builds them
-    graphed = GraphedStep(algo, runtime) if runtime.cuda_graphs else None
+    planner, graphed = step_helpers(algo, runtime, cfg.train)  # as fewshot train builds them
 
     def step() -> float:
         return gradient_outer_step(algo, opt, episodes, runtime, cfg.train.task_chunk, cfg.train.grad_clip,

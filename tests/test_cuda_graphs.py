@@ -1,5 +1,5 @@
 """device.cuda_graphs: the engine's side of a replayed training step, tested on CPU with
-``EagerEmulation`` (replays write into the tensors of the capture, as a CUDA graph does; the real
+``EagerEmulation`` below (replays write into the tensors of the capture, as a CUDA graph does; the real
 capture is in tests/gpu/test_cuda.py).  Training with it equals eager training in float64."""
 
 from __future__ import annotations
@@ -10,12 +10,49 @@ import torch
 from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.engine.device import Runtime
-from fewshot_runner.engine.graphs import EagerEmulation, GraphedStep
+from fewshot_runner.engine.graphs import Body, GraphedStep
 from fewshot_runner.engine.memory import ChunkPlanner
 from fewshot_runner.engine.run import gradient_outer_step
 from fewshot_runner.episode import Episode
 
 CPU = Runtime(torch.device("cpu"), None, False)
+
+
+class EagerEmulation:
+    """A stand-in for :class:`CudaGraphBackend` where there is no GPU (tests): "capture" runs the body
+    once and then fills its outputs and gradients with NaN (a real capture computes nothing); "replay"
+    runs the body again and copies the results into those same tensors, as a graph replay writes into
+    the memory of its capture.  So a caller that reads before replaying, keeps stale inputs or replaces
+    the gradient tensors gets wrong numbers here too."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, body: Body, params: list[torch.Tensor]):
+        self.captures += 1
+        for p in params:
+            p.grad = None
+        out = body()
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            for t in [*out.values(), *[g for g in grads if g is not None]]:
+                t.fill_(float("nan"))
+
+        def replay() -> None:
+            self.replays += 1
+            for p in params:
+                p.grad = None
+            new = body()
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        g.copy_(p.grad if p.grad is not None else torch.zeros_like(g))
+                    p.grad = g
+                for k, v in out.items():
+                    v.copy_(new[k])
+
+        return replay, out
 
 
 def batch(seed, n_tasks=4, n_way=3, n_query=2, dtype=torch.float64):

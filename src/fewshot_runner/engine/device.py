@@ -56,13 +56,9 @@ def resolve_runtime(cfg) -> Runtime:
     # auto: off until measured on a GPU (no GPU has been available to this project yet: docs/speed.md)
     cap = cfg.get("memory_cap_mb")
     if cap is not None:
-        try:
-            cap = float(cap)
-        except (TypeError, ValueError):
-            cap = float("nan")
-        if not (cap > 0 and cap < float("inf")):
-            raise UserError(f"device.memory_cap_mb={cfg.get('memory_cap_mb')!r} is not a positive number of MiB; "
-                            f"use e.g. device.memory_cap_mb=8000, or null for no cap")
+        from fewshot_runner.engine.memory import parse_cap
+
+        cap = parse_cap(cap)
     return Runtime(torch.device(kind), torch.bfloat16 if precision == "bf16" else None, channels_last == "on",
                    bool(cfg.compile), task_threads, graphs == "on", cap)
 

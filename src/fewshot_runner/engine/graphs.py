@@ -18,7 +18,7 @@ tasks.  The recipe is PyTorch's whole-network capture
 
 A capture that fails (an op that synchronises with the host, say) prints one line and the run goes
 on without graphs.  The backend is a parameter so that the plumbing is tested on CPU with
-:class:`EagerEmulation`; the CUDA backend itself needs a GPU (``gpu``-marked tests).
+an emulation (tests/test_cuda_graphs.py); the CUDA backend itself needs a GPU (``gpu``-marked tests).
 """
 
 from __future__ import annotations
@@ -54,43 +54,6 @@ class CudaGraphBackend:
         with torch.cuda.graph(self.graph):
             out = body()
         return self.graph.replay, out
-
-
-class EagerEmulation:
-    """A stand-in for :class:`CudaGraphBackend` where there is no GPU (tests): "capture" runs the body
-    once and then fills its outputs and gradients with NaN (a real capture computes nothing); "replay"
-    runs the body again and copies the results into those same tensors, as a graph replay writes into
-    the memory of its capture.  So a caller that reads before replaying, keeps stale inputs or replaces
-    the gradient tensors gets wrong numbers here too."""
-
-    def __init__(self) -> None:
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, body: Body, params: list[torch.Tensor]):
-        self.captures += 1
-        for p in params:
-            p.grad = None
-        out = body()
-        grads = [p.grad for p in params]
-        with torch.no_grad():
-            for t in [*out.values(), *[g for g in grads if g is not None]]:
-                t.fill_(float("nan"))
-
-        def replay() -> None:
-            self.replays += 1
-            for p in params:
-                p.grad = None
-            new = body()
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    if g is not None:
-                        g.copy_(p.grad if p.grad is not None else torch.zeros_like(g))
-                    p.grad = g
-                for k, v in out.items():
-                    v.copy_(new[k])
-
-        return replay, out
 
 
 class GraphedStep:

@@ -33,8 +33,25 @@ from fewshot_runner.errors import UserError
 MB = 2**20
 
 
+def parse_cap(value) -> float:
+    """``device.memory_cap_mb`` as a positive, finite number of MiB, or a one-line UserError."""
+    try:
+        cap = float(value)
+    except (TypeError, ValueError):
+        cap = float("nan")
+    if not (cap > 0 and math.isfinite(cap)):
+        raise UserError(f"device.memory_cap_mb={value!r} is not a positive number of MiB; "
+                        f"use e.g. device.memory_cap_mb=8000, or null for no cap")
+    return cap
+
+
+def chunk_bounds(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
+    """Tasks start..n-1 in chunks of ``chunk``: [(start, start + chunk), ..., (.., n)]."""
+    return [(s, min(s + chunk, n)) for s in range(start, n, chunk)]
+
+
 class SavedTensorBytes:
-    """Bytes of the distinct storages autograd saves for backward inside the ``with`` block (this thread)."""
+    """Bytes of the distinct tensors autograd saves for backward inside the ``with`` block (this thread)."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -90,15 +107,11 @@ class ChunkPlanner:
     messages: list[str] = field(default_factory=list)  # one line when the chunk is chosen or changed
 
     def __post_init__(self) -> None:
-        if not (self.cap_mb > 0 and math.isfinite(self.cap_mb)):
-            raise UserError(f"device.memory_cap_mb={self.cap_mb!r} is not a positive number of MiB; "
-                            f"use e.g. device.memory_cap_mb=8000, or null for no cap")
+        self.cap_mb = parse_cap(self.cap_mb)
 
     def bounds(self, n: int) -> list[tuple[int, int]] | None:
         """The chunks of an n-task batch once the chunk is known, else None (the first step probes)."""
-        if self.chunk is None:
-            return None
-        return [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+        return None if self.chunk is None else chunk_bounds(0, n, self.chunk)
 
     def probe_bounds(self, n: int) -> list[tuple[int, int]]:
         """The first step's first chunks: 1 task, then 2 (fewer if the batch is smaller)."""

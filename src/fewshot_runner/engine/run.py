@@ -49,7 +49,7 @@ from fewshot_runner.engine.console import console, progress_bar, results_table
 from fewshot_runner.engine.device import Runtime, resolve_runtime
 from fewshot_runner.engine.evaluate import evaluate
 from fewshot_runner.engine.graphs import GraphedStep
-from fewshot_runner.engine.memory import MB, ChunkPlanner, measure_peak
+from fewshot_runner.engine.memory import MB, ChunkPlanner, chunk_bounds, measure_peak
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import CheckpointError, UserError
 
@@ -159,19 +159,17 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
     loss skips the update and is reported by the caller (metrics["loss"] is then nan/inf).
     """
     n = episodes.n_tasks
-    bounds = planner.bounds(n) if planner is not None else \
-        [(s, min(s + (task_chunk or n), n)) for s in range(0, n, task_chunk or n)]
+    bounds = planner.bounds(n) if planner is not None else chunk_bounds(0, n, task_chunk or n)
     out = graphed.run(episodes, bounds) if graphed is not None and bounds is not None else None
     if out is not None:  # (no zero_grad: the replay overwrites the captured .grad tensors, see graphs.py)
         sums = {k: float(v) for k, v in out.items()}
         _update(algo, optimizer, sums, grad_clip)
         return sums
     optimizer.zero_grad(set_to_none=True)
-    probing = bounds is None  # the planner's first step: every chunk measured (on CPU only then), in this thread
-    if probing:
+    planning_step = bounds is None  # the planner's first step: every chunk measured (on CPU only then), in this thread
+    if planning_step:
         bounds = planner.probe_bounds(n)
-    measure = probing or (planner is not None and runtime.device.type == "cuda")
-    planning_step = probing
+    measure = planning_step or (planner is not None and runtime.device.type == "cuda")
     sums: dict[str, float] = {}
     peaks: list[tuple[int, int]] = []
     threads = task_threads_for(algo, episodes, runtime)
@@ -193,10 +191,8 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * w
         i += 1
-        if probing and i == len(bounds):
-            chunk = planner.fit(n, peaks)
-            bounds += [(a, min(a + chunk, n)) for a in range(bounds[-1][1], n, chunk)]
-            probing = False
+        if planning_step and planner.chunk is None and i == len(bounds):  # the probe chunks done: fit, go on
+            bounds += chunk_bounds(bounds[-1][1], n, planner.fit(n, peaks))
     if planner is not None and peaks:  # the largest chunk's peak (the probe chunks are smaller)
         planner.observe([m / MB for _, m in peaks])
         sums["peak_mem_mb"] = planner.last_peak_mb
@@ -209,6 +205,22 @@ def _update(algo, optimizer, sums: dict[str, float], grad_clip: float | None) ->
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(algo.parameters(), grad_clip)
         optimizer.step()
+
+
+def step_helpers(algo, runtime: Runtime, train_cfg) -> tuple[ChunkPlanner | None, GraphedStep | None]:
+    """The memory-cap planner and the CUDA-graph step of :func:`gradient_outer_step`, as the run's
+    settings ask; chunking a learner whose tasks are not independent is refused in one line."""
+    outer_step = getattr(algo, "outer_step", None)
+    chunk = train_cfg.task_chunk
+    splits = "device.memory_cap_mb" if runtime.memory_cap_mb is not None else (
+        "train.task_chunk" if chunk and chunk < train_cfg.meta_batch_size else None)
+    if splits and (outer_step is not None or not getattr(algo, "independent_tasks", False)):
+        raise UserError(f"{splits} splits a meta-batch into chunks of tasks, which changes {type(algo).__name__}'s "
+                        f"objective (its tasks share batch norm or its update); set {splits}=null and lower "
+                        f"train.meta_batch_size instead")
+    planner = ChunkPlanner(runtime.memory_cap_mb) if runtime.memory_cap_mb is not None else None
+    graphed = GraphedStep(algo, runtime) if runtime.cuda_graphs and outer_step is None else None
+    return planner, graphed
 
 
 # ----------------------------------------------------------------------------- task threads
@@ -685,17 +697,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     scheduler = make_scheduler(optimizer, cfg.train)
     sampler = EpisodeSampler(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
     outer_step = getattr(algo, "outer_step", None)
-    planner = None
-    chunk = cfg.train.task_chunk
-    splits = "device.memory_cap_mb" if runtime.memory_cap_mb is not None else (
-        "train.task_chunk" if chunk and chunk < cfg.train.meta_batch_size else None)
-    if splits and (outer_step is not None or not getattr(algo, "independent_tasks", False)):
-        raise UserError(f"{splits} splits a meta-batch into chunks of tasks, which changes {type(algo).__name__}'s "
-                        f"objective (its tasks share batch norm or its update); set {splits}=null and lower "
-                        f"train.meta_batch_size instead")
-    if runtime.memory_cap_mb is not None:
-        planner = ChunkPlanner(runtime.memory_cap_mb)
-    graphed = GraphedStep(algo, runtime) if runtime.cuda_graphs and outer_step is None else None
+    planner, graphed = step_helpers(algo, runtime, cfg.train)
 
     ckpt_dir = run_dir / "checkpoints"
     start_step, best_acc, best_step, wall_before = 0, -1.0, -1, 0.0
