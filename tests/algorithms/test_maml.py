@@ -221,10 +221,13 @@ def test_batch_tasks_auto_on_cpu_and_a_bad_value_is_refused():
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("fused_ops", ["on", "off"])
 @pytest.mark.parametrize("pool", [True, False], ids=["maxpool", "strided"])
-def test_grouped_tasks_give_the_loop_meta_gradient_in_float64(pool, fused_ops, first_order):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_grouped_tasks_give_the_loop_meta_gradient_in_float64(pool, fused_ops, first_order, channels_last):
     """device.batch_tasks=groups (each task's weights as the groups of grouped convolutions, one
-    autograd.grad for every task's inner step, the fused batch-norm op or the plain one) against the
-    per-task loop: same loss, meta-gradient and test-time predictions to 1e-9 in float64, 2 inner steps."""
+    autograd.grad for every task's inner step, the fused batch-norm op and ops/conv.py's convolution,
+    or the plain ops; NCHW or, as on CPU, channels-last) against the per-task loop (NCHW): same loss,
+    meta-gradient and test-time predictions to 1e-9 in float64, 2 inner steps."""
+    from fewshot_runner.backbones import use_channels_last
     from fewshot_runner.backbones.conv import Conv4
 
     eps = make_episodes(n_tasks=3, size=16)
@@ -235,6 +238,8 @@ def test_grouped_tasks_give_the_loop_meta_gradient_in_float64(pool, fused_ops, f
         nets.append(MAML(backbone, n_way=3, feature_dim=4, inner_lr=0.3, inner_steps=2, eval_inner_steps=3,
                          first_order=first_order, batch_tasks=mode).double())
     loop, grouped = nets
+    if channels_last:
+        use_channels_last(grouped)
     la, ma, ga = grads_of(loop, eps)
     lb, mb, gb = grads_of(grouped, eps)
     torch.testing.assert_close(lb, la, rtol=1e-12, atol=1e-12)

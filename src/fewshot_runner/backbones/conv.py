@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +67,15 @@ class ConvBlock(nn.Module):
         w = p["conv.weight"]
         w = w.reshape(n_tasks * w.shape[1], *w.shape[2:])
         b = p["conv.bias"].reshape(-1) if p.get("conv.bias") is not None else None
-        x = F.conv2d(x, w, b, conv.stride, conv.padding, groups=n_tasks)
+        if self.channels_last:  # one layout for maps and weights: mixed, oneDNN reorders every map
+            x = x.contiguous(memory_format=torch.channels_last)
+            w = w.contiguous(memory_format=torch.channels_last)
+        if self.fused and _grouped_conv_op():  # the double backward as whole grouped convolutions (ops/conv.py)
+            from fewshot_runner.ops.conv import conv2d
+
+            x = conv2d(x, w, b, conv.stride, conv.padding, groups=n_tasks)
+        else:
+            x = F.conv2d(x, w, b, conv.stride, conv.padding, groups=n_tasks)
         gamma, beta = p["bn.weight"].reshape(-1), p["bn.bias"].reshape(-1)
         if self.fused:
             from fewshot_runner.ops import bn_relu_pool
@@ -86,6 +96,11 @@ class ConvBlock(nn.Module):
         # values per channel: N*H*W of the conv's output (the stem's images have the same N, H, W)
         update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return out
+
+
+def _grouped_conv_op() -> bool:
+    """ops/conv.py's convolution in forward_tasks (``FEWSHOT_OPS_NO_CONV=1``: torch's, for A/B timings)."""
+    return os.environ.get("FEWSHOT_OPS_NO_CONV", "") in ("", "0")
 
 
 def _stem_fits(conv: nn.Conv2d) -> bool:
