@@ -24,6 +24,9 @@ The reference is timed twice: under the same allocator setting as the fast path
 under glibc's defaults.
 
 Cases: MAML / FOMAML 5-way 1-shot 15 queries, 32 tasks per outer step, inner lr 0.4, Adam 1e-3;
+``maml_stridednet_5w1s_mb32_1q``: the MAML Omniglot preset's shape (the paper's net: stride-2
+convolutions, no max-pool, on both sides; 1 query per class; on CPU the fast path runs the 32
+tasks as the groups of grouped convolutions, ``device.batch_tasks=auto``);
 ProtoNet 5-way 5-shot 15 queries and 20-way 1-shot 5 queries, 4 episodes per outer step (one
 forward over the batch, batch norm over the batch, as the package); the sampler: 32 tasks
 5w1s15q from a 4112-class x 20-image split, CPU only. ``--tiny`` shrinks the batches (MAML 2
@@ -96,15 +99,23 @@ class Case:
     inner_steps: int = 1
     first_order: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
+    strided: bool = False  # the MAML paper's Omniglot net (stride-2 convolutions, no max-pool)
 
     def batch(self, tiny: bool) -> int:
         return self.tiny_meta_batch if tiny else self.meta_batch
+
+    @property
+    def feature_dim(self) -> int:
+        return HIDDEN * (4 if self.strided else 1)  # 28 -> 14 -> 7 -> 4 -> 2 (strided) or -> 3 -> 1 (pooled)
 
 
 CASES = [
     Case("maml_5w1s_mb32_1step", "maml", 5, 1, 15, 32, 2, quick=(1, 3), full=(2, 10)),
     Case("maml_5w1s_mb32_5step", "maml", 5, 1, 15, 32, 2, quick=(1, 2), full=(1, 8), inner_steps=5),
     Case("fomaml_5w1s_mb32_1step", "maml", 5, 1, 15, 32, 2, quick=(1, 3), full=(2, 10), first_order=True),
+    # The MAML Omniglot preset's shape: the paper's strided net, 1 query per class in training
+    # (device.batch_tasks=auto runs the 32 tasks as the groups of grouped convolutions on CPU).
+    Case("maml_stridednet_5w1s_mb32_1q", "maml", 5, 1, 1, 32, 2, quick=(2, 6), full=(3, 20), strided=True),
     # ProtoNet: 4 episodes per outer step; 15 queries for 5-way, 5 for 20-way (the eval shape of
     # the 20-way preset). Batch norm spans the whole batch, in the package and the reference.
     Case("protonet_5w5s", "protonet", 5, 5, 15, 4, 1, quick=(2, 10), full=(3, 30)),
@@ -132,8 +143,10 @@ def plain_conv4_cls():
         """conv3x3 -> F.batch_norm(batch statistics) -> relu -> max_pool2d(2), four times, flattened,
         then an optional linear head. ``smooth=True``: softplus and avg_pool2d (the smooth twin)."""
 
-        def __init__(self, in_ch: int, hidden: int, n_out: int | None, feature_dim: int, smooth: bool) -> None:
+        def __init__(self, in_ch: int, hidden: int, n_out: int | None, feature_dim: int, smooth: bool,
+                     strided: bool = False) -> None:
             super().__init__()
+            self.stride = 2 if strided else 1  # strided: the MAML Omniglot net, no pooling
             chans = [in_ch] + [hidden] * 4
             self.blocks = nn.ModuleList(Block(chans[i], chans[i + 1]) for i in range(4))
             self.head = nn.Linear(feature_dim, n_out) if n_out else None
@@ -142,9 +155,9 @@ def plain_conv4_cls():
 
         def forward(self, x):
             for b in self.blocks:
-                x = F.conv2d(x, b.conv.weight, b.conv.bias, padding=1)
-                x = F.batch_norm(x, None, None, b.bn.weight, b.bn.bias, training=True, eps=b.bn.eps)
-                x = self.pool(self.act(x), 2)
+                x = F.conv2d(x, b.conv.weight, b.conv.bias, stride=self.stride, padding=1)
+                x = self.act(F.batch_norm(x, None, None, b.bn.weight, b.bn.bias, training=True, eps=b.bn.eps))
+                x = x if self.stride == 2 else self.pool(x, 2)
             x = x.flatten(1)
             return self.head(x) if self.head is not None else x
 
@@ -277,8 +290,8 @@ def ref_meta_loss(case: Case, net, params: dict, episodes):
 def build_reference(case: Case, device, dtype, smooth: bool):
     """(net, params dict of leaf tensors) with the shared initial weights."""
     n_out = case.n_way if case.workload == "maml" else None
-    feature_dim = HIDDEN  # 28 -> 14 -> 7 -> 3 -> 1
-    net = plain_conv4_cls()(X_SHAPE[0], HIDDEN, n_out, feature_dim, smooth).to(device=device, dtype=dtype)
+    feature_dim = case.feature_dim
+    net = plain_conv4_cls()(X_SHAPE[0], HIDDEN, n_out, feature_dim, smooth, case.strided).to(device=device, dtype=dtype)
     load_weights(net, make_weights(n_out, feature_dim))
     return net, dict(net.named_parameters())
 
@@ -348,7 +361,8 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
     overrides = [f"algo={algo_name}", "backbone=conv4", "data=synthetic", f"device={device_type}",
                  f"device.fused_ops={fused}", f"device.threads={threads}", f"device.precision={precision}", "logger=none",
                  f"data.n_way={case.n_way}", f"data.n_shot={case.n_shot}", f"data.n_query={case.n_query}",
-                 f"backbone.hidden={HIDDEN}", "backbone.pool=true", f"train.outer_lr={OUTER_LR}", *extra]
+                 f"backbone.hidden={HIDDEN}", f"backbone.pool={str(not case.strided).lower()}",
+                 f"train.outer_lr={OUTER_LR}", *extra]
     if case.workload == "maml":
         overrides += [f"algo.inner_lr={INNER_LR}", f"algo.inner_steps={case.inner_steps}",
                       f"algo.first_order={str(case.first_order).lower()}"]
@@ -357,7 +371,7 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
     runtime = resolve_runtime(cfg.device)
     algo = build_learner(cfg, X_SHAPE, case.n_way, runtime)
     n_out = case.n_way if case.workload == "maml" else None
-    load_weights(algo, make_weights(n_out, HIDDEN))
+    load_weights(algo, make_weights(n_out, case.feature_dim))
     algo.train()
     return algo, runtime, cfg
 
@@ -410,7 +424,7 @@ def package_grads(case: Case, algo, runtime, episodes, dtype):
 
     algo = algo.to(dtype)
     n_out = case.n_way if case.workload == "maml" else None
-    load_weights(algo, make_weights(n_out, HIDDEN))
+    load_weights(algo, make_weights(n_out, case.feature_dim))
     episodes = episodes.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t)
     if dtype != torch.float32:  # (bf16 autocast: fp32 only)
         runtime = dataclasses.replace(runtime, autocast_dtype=None)
@@ -462,7 +476,7 @@ def gradient_check(case: Case, algo, runtime, fused: str, tiny: bool) -> dict:
         "ref_grad_rel_err": relative_errors(ref32, ref64)[0],
         "grad_rel_err_vs_ref_fp32": relative_errors(fast32, ref32)[0],
         "grad_rel_err_fp64": relative_errors(fast64, ref64)[0] if fast64 is not None else None,
-        "grad_check": (f"{'smooth twin (softplus, avg-pool)' if smooth else 'real net (relu, max-pool)'}; "
+        "grad_check": (f"{'smooth twin (softplus' if smooth else 'real net (relu'}{')' if case.strided else (', avg-pool)' if smooth else ', max-pool)')}; "
                        f"fast fp32 vs plain reference fp64; first {n_check} tasks of the batch, initial weights"),
         "grad_check_tasks": n_check,
     }
