@@ -470,14 +470,15 @@ def gradient_check(case: Case, algo, runtime, fused: str, tiny: bool) -> dict:
             fast64, fp64_note = None, f"{type(e).__name__}: {e}"[:200]
         algo.to(torch.float32)
     err, zero_err = relative_errors(fast32, ref64)
+    act, pool = ("softplus", "avg-pool") if smooth else ("relu", "max-pool")
+    net = f"{'smooth twin' if smooth else 'real net'} ({act}{'' if case.strided else ', ' + pool})"
     out = {
         "grad_rel_err": err,
         "zero_grad_err": zero_err,
         "ref_grad_rel_err": relative_errors(ref32, ref64)[0],
         "grad_rel_err_vs_ref_fp32": relative_errors(fast32, ref32)[0],
         "grad_rel_err_fp64": relative_errors(fast64, ref64)[0] if fast64 is not None else None,
-        "grad_check": (f"{'smooth twin (softplus' if smooth else 'real net (relu'}{')' if case.strided else (', avg-pool)' if smooth else ', max-pool)')}; "
-                       f"fast fp32 vs plain reference fp64; first {n_check} tasks of the batch, initial weights"),
+        "grad_check": f"{net}; fast fp32 vs plain reference fp64; first {n_check} tasks of the batch, initial weights",
         "grad_check_tasks": n_check,
     }
     if fast64 is None:

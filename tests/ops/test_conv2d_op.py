@@ -104,3 +104,36 @@ def test_unused_outputs_cost_no_convolution():
     (ref,) = torch.autograd.grad(F.conv2d(x, w, None, 1, 1).sum(), (w,))
     torch.testing.assert_close(gw, ref)
     assert gw.requires_grad  # the weight gradient's graph is kept for the outer step
+
+
+def test_second_order_under_bf16_autocast_equals_torch_native():
+    """device.precision=bf16: autocast casts the inputs (a cast autograd records), and every order
+    of the op then runs in bf16, as torch's own convolution does under autocast (a mixed-dtype
+    backward used to fail in oneDNN, on MAML's grouped path)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 7, 7, generator=gen).requires_grad_()
+    w = torch.randn(8, 4, 3, 3, generator=gen).requires_grad_()
+
+    def objective(conv):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x, w, None, 2, 1, 2)
+            (gw,) = torch.autograd.grad(y.float().square().sum(), (w,), create_graph=True)
+            out = conv(x, w - 0.01 * gw, None, 2, 1, 2).float().sum()
+        return out, torch.autograd.grad(out, (x, w))
+
+    ours, ours_g = objective(conv2d)
+    ref, ref_g = objective(lambda *a: F.conv2d(a[0], a[1], a[2], a[3], a[4], 1, a[5]))
+    assert ours.dtype == torch.float32 and all(g.dtype == torch.float32 for g in ours_g)
+    rel = [((a - r).norm() / r.norm()).item() for a, r in zip((ours, *ours_g), (ref, *ref_g))]
+    assert max(rel) < 1e-2, rel  # the same bf16 arithmetic; bf16 rounding of differently ordered sums only
+
+
+def test_conv4_grouped_path_uses_the_op_unless_turned_off(monkeypatch):
+    """forward_tasks runs ops/conv.py's convolution where the fused ops are on; FEWSHOT_OPS_NO_CONV=1
+    (read when the net is built) gives torch's, as docs/speed.md's A/B timing used it."""
+    from fewshot_runner.backbones.conv import Conv4
+
+    assert all(b.grouped_conv_op for b in Conv4((1, 16, 16), hidden=4, fused_ops="on").blocks)
+    assert not any(b.grouped_conv_op for b in Conv4((1, 16, 16), hidden=4, fused_ops="off").blocks)
+    monkeypatch.setenv("FEWSHOT_OPS_NO_CONV", "1")
+    assert not any(b.grouped_conv_op for b in Conv4((1, 16, 16), hidden=4, fused_ops="on").blocks)

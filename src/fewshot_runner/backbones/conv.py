@@ -28,6 +28,9 @@ class ConvBlock(nn.Module):
         self.channels_last = False  # set by backbones.use_channels_last
         # a first layer the stem op (conv + BN + ReLU + max-pool fused, ops/stem.py) can run
         self.stem = fused and pool and _stem_fits(self.conv)
+        # forward_tasks' convolution: ops/conv.py's, whose double backward runs the grouped convolution
+        # whole (FEWSHOT_OPS_NO_CONV=1: torch's, for A/B timings)
+        self.grouped_conv_op = fused and os.environ.get("FEWSHOT_OPS_NO_CONV", "") in ("", "0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
@@ -70,7 +73,7 @@ class ConvBlock(nn.Module):
         if self.channels_last:  # one layout for maps and weights: mixed, oneDNN reorders every map
             x = x.contiguous(memory_format=torch.channels_last)
             w = w.contiguous(memory_format=torch.channels_last)
-        if self.fused and _grouped_conv_op():  # the double backward as whole grouped convolutions (ops/conv.py)
+        if self.grouped_conv_op:
             from fewshot_runner.ops.conv import conv2d
 
             x = conv2d(x, w, b, conv.stride, conv.padding, groups=n_tasks)
@@ -96,11 +99,6 @@ class ConvBlock(nn.Module):
         # values per channel: N*H*W of the conv's output (the stem's images have the same N, H, W)
         update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return out
-
-
-def _grouped_conv_op() -> bool:
-    """ops/conv.py's convolution in forward_tasks (``FEWSHOT_OPS_NO_CONV=1``: torch's, for A/B timings)."""
-    return os.environ.get("FEWSHOT_OPS_NO_CONV", "") in ("", "0")
 
 
 def _stem_fits(conv: nn.Conv2d) -> bool:

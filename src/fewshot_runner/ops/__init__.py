@@ -1,4 +1,5 @@
-"""Fused ops for the memory-bound parts of second-order MAML on CPU (see bn_relu_pool.py, stem.py)."""
+"""Fused ops for the memory-bound parts of second-order MAML on CPU (see bn_relu_pool.py, stem.py), and
+a convolution whose double backward runs grouped convolutions whole (conv.py, MAML's grouped path)."""
 
 from fewshot_runner.ops.bn_relu_pool import (bn_relu_pool, bn_relu_pool_reference, extension_status, load_extension,
                                              update_running_stats)

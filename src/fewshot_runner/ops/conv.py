@@ -91,5 +91,15 @@ def _pair(v) -> list[int]:
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
            groups: int = 1) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding, 1, groups)`` with the double backward above."""
+    """``F.conv2d(x, weight, bias, stride, padding, 1, groups)`` with the double backward above.
+
+    Under autocast (``device.precision=bf16``) the inputs are cast here, where autograd records the
+    casts, as autocast casts a convolution's inputs; inside, every order then sees one dtype."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        dt = torch.get_autocast_dtype(kind)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(kind, enabled=False):
+            return _Conv.apply(x, weight, bias, _pair(stride), _pair(padding), groups)
     return _Conv.apply(x, weight, bias, _pair(stride), _pair(padding), groups)
