@@ -352,6 +352,7 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------- fault injection
+STATUS_EVERY_S = 30.0  # plain status lines when no progress bar is drawn (see train())
 FAULT_ENV = "FEWSHOT_FAULT"
 FAULT_ACTIONS = ("kill", "term", "int", "enospc", "nan")
 FAULT_PHASES = ("step", "val", "ckpt", "best")
@@ -625,6 +626,12 @@ def _resume_hint(run_dir: Path) -> str:
     return "resume with: " + " ".join(shlex.quote(a) for a in [*sys.argv[0].split(), *args, "resume=auto"])
 
 
+def _clock(seconds: float) -> str:
+    """Elapsed time as H:MM:SS."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _write_json(path: Path, obj: dict) -> None:
     ckpt.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
@@ -753,9 +760,13 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
         if state is not None:  # last, after anything that draws from them (importing comet_ml does)
             _restore_rng(state["rng"], resume_path)
         algo.train()
+        # Where the bar is not drawn (a pipe, a SLURM log, train.progress=false), plain status lines
+        # say how the run goes, at most one every STATUS_EVERY_S seconds and at the last step.
+        plain = not (cfg.train.progress and console.is_terminal)
         with progress_bar(cfg.train.progress) as bar:
             task = bar.add_task("train", total=cfg.train.steps, completed=start_step, stats="")
             t_last, s_last = time.time(), start_step
+            t_said = t_last
             while step < cfg.train.steps:
                 episodes = sampler.sample(cfg.train.meta_batch_size)
                 if runtime.device.type == "cuda":  # page-locked, so the copy below is asynchronous
@@ -809,9 +820,13 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                     logged["train/lr"] = optimizer.param_groups[0]["lr"]
                     window.clear()
                     logger.log_metrics(logged, step)
-                    bar.update(task, completed=step, stats=f"loss {logged.get('train/loss', float('nan')):.3f} "
-                                                           f"acc {logged.get('train/acc', float('nan')):.3f} "
-                                                           f"{sps:.2f} it/s")
+                    stats = (f"loss {logged.get('train/loss', float('nan')):.3f} "
+                             f"acc {logged.get('train/acc', float('nan')):.3f} {sps:.2f} it/s")
+                    bar.update(task, completed=step, stats=stats)
+                    if plain and (now - t_said >= STATUS_EVERY_S or step == cfg.train.steps):
+                        _say(f"step {step}/{cfg.train.steps}  {stats}  "
+                             f"lr {logged['train/lr']:.3g}  {_clock(wall_before + now - t_start)}")
+                        t_said = now
                 if validate and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
                     val = evaluate(algo, val_split, ev.n_way, ev.n_shot, ev.n_query, cfg.train.val_episodes,
                                    cfg.eval.seed, cfg.eval.chunk, runtime)
@@ -823,6 +838,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                                        step)
                     if improved:
                         save("best.pt", step)
+                    _say(f"step {step}/{cfg.train.steps}  val acc {100 * val['acc']:.2f} % ± {100 * val['ci95']:.2f}  "
+                         + ("best so far, saved best.pt" if improved
+                            else f"best {100 * best_acc:.2f} % at step {best_step}"))
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                     save("last.pt", step)
                     saved_at = step
