@@ -78,3 +78,12 @@ def test_bench_ops_stem_prints_a_row_per_batch_and_workload(tmp_path):
     assert len(rows) == 9, proc.stdout
     for batch in ("MAML query 75 images", "MAML support 5 images", "ProtoNet 360 images"):
         assert sum(ln.startswith(batch) for ln in rows) == 3
+
+
+def test_bench_conv_checks_its_reformulations_and_prints_a_row_per_call(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conv.py"), "--batch", "3", "--size", "6",
+                           "--channels", "8", "--iters", "1", "--threads", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for call in ("forward", "backward, weight gradient", "im2col + mm", "9 shifted mms", "flipped weights"):
+        assert call in proc.stdout, proc.stdout
