@@ -7,7 +7,8 @@ reformulations: the figures behind docs/speed.md's "AMD EPYC without AVX-512" se
 Each row is the median of --iters calls after 2 warm-ups, 3x3 kernels, padding 1, NHWC (channels-
 last) tensors as the fast path runs them, in fp32, on torch's intra-op threads (--threads). GFLOP/s
 counts 2 FLOPs per multiply-add of the direct convolution, so a reformulation's figure is
-comparable to the call it replaces. Every reformulation is checked against torch's result first.
+comparable to the call it replaces. Every reformulation is checked against torch's result first;
+the Winograd rows time only the GEMMs that algorithm would run, a lower bound on its time.
 Run it with the allocator tuned as the ``fewshot`` launcher does (``make bench`` does; or prefix
 MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=100000000000).
 """
@@ -87,6 +88,13 @@ def rows_for(n: int, h: int, channels: int, iters: int) -> list[tuple[str, float
         ("weight gradient as im2col + mm", lambda: weight_grad_im2col(x_pad, gy_rows, n, h)),
         ("weight gradient as 9 shifted mms", lambda: weight_grad_shifted(x_flat, gy_pad, h + 2)),
     ]
+    # Winograd F(2x2, 3x3) would do these 16 batched GEMMs (one per point of a 4x4 tile) plus its
+    # transforms: the GEMMs alone are a lower bound on its time (random data, nothing to check)
+    tiles = n * ((h + 1) // 2) ** 2
+    v, u = torch.randn(16, tiles, channels, generator=g), torch.randn(16, channels, channels, generator=g)
+    vt, m = torch.randn(16, channels, tiles, generator=g), torch.randn(16, tiles, channels, generator=g)
+    timed += [("Winograd F(2x2,3x3) forward: its 16 GEMMs alone, no transforms", lambda: torch.bmm(v, u)),
+              ("Winograd F(2x2,3x3) weight gradient: its 16 GEMMs alone", lambda: torch.bmm(vt, m))]
     out = []
     for name, fn in timed:
         ms = timeit(fn, iters)[0]
