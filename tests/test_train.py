@@ -117,3 +117,20 @@ def test_eval_overrides_test_time_adaptation(compose_cfg, tmp_path, monkeypatch)
     with pytest.raises(UserError, match="has no eval_inner_steps"):
         run.evaluate_checkpoint(compose_cfg([f"checkpoint={tmp_path / 'proto' / 'checkpoints' / 'best.pt'}",
                                              "algo.eval_inner_steps=3"], name="eval"), run_dir=tmp_path / "ev2")
+
+
+def test_status_lines_are_spaced_in_time_and_the_last_step_always_has_one(compose_cfg, tmp_path, monkeypatch, capsys):
+    """No bar is drawn (train.progress=false): a status line at a log step once STATUS_EVERY_S has passed
+    since the last one, and always at the last step."""
+    import fewshot_runner.engine.run as run
+
+    monkeypatch.setattr(run, "STATUS_EVERY_S", 0.0)
+    train(compose_cfg(["debug=smoke", "algo=protonet", "train.steps=3"]), run_dir=tmp_path / "every")
+    out = capsys.readouterr().out
+    assert [f"step {i}/3  loss" in out for i in (1, 2, 3)] == [True, True, True], out
+
+    monkeypatch.setattr(run, "STATUS_EVERY_S", 1e9)
+    train(compose_cfg(["debug=smoke", "algo=protonet", "train.steps=3"]), run_dir=tmp_path / "last")
+    out = capsys.readouterr().out
+    assert [f"step {i}/3  loss" in out for i in (1, 2, 3)] == [False, False, True], out
+    assert "step 2/3  val acc " in out and "step 3/3  val acc " in out

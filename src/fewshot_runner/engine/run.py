@@ -54,6 +54,7 @@ from fewshot_runner.episode import Episode
 from fewshot_runner.errors import CheckpointError, UserError
 
 EPISODE_KEYS = ("n_way", "n_shot", "n_query", "train_n_way", "train_n_shot", "train_n_query")
+STATUS_EVERY_S = 30.0  # plain status lines when no progress bar is drawn (see _train)
 
 
 class NumericalError(UserError):
@@ -352,7 +353,6 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------- fault injection
-STATUS_EVERY_S = 30.0  # plain status lines when no progress bar is drawn (see train())
 FAULT_ENV = "FEWSHOT_FAULT"
 FAULT_ACTIONS = ("kill", "term", "int", "enospc", "nan")
 FAULT_PHASES = ("step", "val", "ckpt", "best")
