@@ -189,10 +189,11 @@ def check_writable(folder: Path, key: str) -> None:
 
 
 def check_start(command: str, jobs: list) -> None:
-    """Checks that need torch, run only where they matter (a CUDA device, a checkpoint to read,
-    an output folder that exists): before Hydra starts, so a refused run changes no file."""
+    """Checks that need torch, run only where they matter (a CUDA device, device.compile, a checkpoint
+    to read, an output folder that exists): before Hydra starts, so a refused run changes no file."""
     todo = [(cfg, d) for cfg, d in jobs
-            if cfg.device.type == "cuda" or command == "eval" or cfg.get("resume") or (d is not None and d.exists())]
+            if cfg.device.type == "cuda" or cfg.device.get("compile") or command == "eval" or cfg.get("resume")
+            or (d is not None and d.exists())]
     if not todo:
         return
     from fewshot_runner.errors import UserError

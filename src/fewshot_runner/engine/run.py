@@ -117,12 +117,16 @@ def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime):
 
         algo = use_channels_last(algo)
     if runtime.compile:
-        compile_fn = getattr(algo, "compile_for_speed", None)
-        if compile_fn is None:
-            raise UserError(f"{type(algo).__name__} does not support device.compile=true (torch.compile cannot "
-                            f"differentiate through its inner loop); use device.compile=false")
-        compile_fn()
+        check_compile(type(algo))
+        algo.compile_for_speed()
     return algo
+
+
+def check_compile(learner_cls: type) -> None:
+    """device.compile=true needs a learner that defines compile_for_speed (see algorithms/base.py)."""
+    if getattr(learner_cls, "compile_for_speed", None) is None:
+        raise UserError(f"{learner_cls.__name__} does not support device.compile=true (torch.compile cannot "
+                        f"differentiate through its inner loop); use device.compile=false")
 
 
 def seed_everything(seed: int) -> None:
@@ -480,14 +484,17 @@ def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path | None]:
-    """What can be checked before a run writes anything: the device, that the run dir holds
-    no other run (unless resuming), and the checkpoint to resume from.
+    """What can be checked before a run writes anything: the device (and device.compile against the
+    learner), that the run dir holds no other run (unless resuming), and the checkpoint to resume from.
 
     Returns ``(state, path)`` of the checkpoint to resume from, or ``(None, None)``.  Raises a
     one-line UserError.  The CLI calls this before Hydra starts; :func:`train` calls it too.
     """
     run_dir = Path(run_dir)
-    resolve_runtime(cfg.device)
+    if resolve_runtime(cfg.device).compile:  # before the data is read: refused in seconds, not minutes
+        from hydra.utils import get_class
+
+        check_compile(get_class(cfg.algo._target_))
     if cfg.device.get("memory_cap_mb") is not None and cfg.train.get("task_chunk"):
         raise UserError(f"train.task_chunk={cfg.train.task_chunk} and device.memory_cap_mb="
                         f"{cfg.device.memory_cap_mb} both set the chunks of a batch; keep one (the other null)")
