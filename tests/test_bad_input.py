@@ -127,6 +127,9 @@ CASES = {
     "unknown lr schedule": (["train", "train.lr_schedule=linear"], ["train.lr_schedule=linear", "step, cosine"]),
     "lr_min above 1": (["train", "train.lr_schedule=cosine", "train.lr_min=2"], ["train.lr_min=2", "between 0 and 1"]),
     "compile with MAML": (["train", "algo=maml", "device.compile=true"], ["device.compile=true", "device.compile=false"]),
+    "compile with a learner that cannot be imported": (
+        ["train", "algo._target_=fewshot_runner.algorithms.Nope", "device.compile=true"],
+        ["algo._target_=fewshot_runner.algorithms.Nope cannot be imported", "algo=NAME"]),
     "unknown logger kind": (["train", "logger.kind=wandb"], ["logger.kind=wandb", "comet_offline"]),
     "bad value in one sweep job": (["train", "-m", "data.n_way=5,0", "hydra.sweep.dir={out}"], ["data.n_way=0"]),
     "unknown command": (["trian"], ["unknown command 'trian'", "train, eval"]),
