@@ -49,7 +49,8 @@ def child(args) -> None:
     size = 28
     algo = build_learner(cfg, (1, size, size), args.n_way, runtime)
     algo.train()
-    split = Synthetic(per_class=20, image_size=size, channels=1, seed=0).split("train")
+    split = Synthetic(n_classes_train=max(64, args.n_way), per_class=20, image_size=size, channels=1,
+                      seed=0).split("train")
     episodes = EpisodeSampler(split, args.n_way, args.n_shot, args.n_query, seed=1).sample(args.tasks).to("cpu")
     opt = torch.optim.Adam(algo.parameters(), lr=1e-3)
     times = []

@@ -82,6 +82,9 @@ class MAMLConfig:
 @dataclass
 class ProtoNetConfig:
     _target_: str = "fewshot_runner.algorithms.protonet.PrototypicalNetworks"
+    # training only: average the episode loss over the rotations of each class's shot + query images
+    # between support and query (each image is the support once per n_shot), from the same embeddings
+    rotate_support: bool = False
 
 
 # ----------------------------------------------------------------------------- run level

@@ -50,3 +50,72 @@ def test_compiled_protonet_gives_the_same_logits_and_state_dict_keys():
     a.eval(), b.eval()
     with torch.no_grad():
         torch.testing.assert_close(b.predict(ep), a.predict(ep), rtol=1e-4, atol=1e-4)
+
+
+def _shuffled_episode(g, n_tasks, n_way, n_shot, n_query, d):
+    """Labels in a random order within support and within query (not class-major)."""
+    ys = torch.stack([torch.arange(n_way).repeat_interleave(n_shot)[torch.randperm(n_way * n_shot, generator=g)]
+                      for _ in range(n_tasks)])
+    yq = torch.stack([torch.arange(n_way).repeat_interleave(n_query)[torch.randperm(n_way * n_query, generator=g)]
+                      for _ in range(n_tasks)])
+    xs = torch.randn(n_tasks, n_way * n_shot, d, generator=g, dtype=torch.float64)
+    xq = torch.randn(n_tasks, n_way * n_query, d, generator=g, dtype=torch.float64)
+    return Episode(xs, ys, xq, yq, n_way)
+
+
+@pytest.mark.parametrize("n_shot,n_query", [(1, 3), (2, 3)])
+def test_rotated_support_loss_is_the_mean_over_resplit_episodes(n_shot, n_query):
+    """algo.rotate_support=true: the loss is the plain ProtoNet loss averaged over the k = shot + query
+    episodes in which each class's images (support first, then query, in the order given) take turns
+    as the support; each re-split episode built by hand and scored by the plain path."""
+    g = torch.Generator().manual_seed(0)
+    n_way, d, k = 4, 5, n_shot + n_query
+    ep = _shuffled_episode(g, 2, n_way, n_shot, n_query, d)
+    rotated = PrototypicalNetworks(nn.Identity(), n_way, d, rotate_support=True)
+    plain = PrototypicalNetworks(nn.Identity(), n_way, d)
+    loss, metrics = rotated.meta_loss(ep)
+    losses, accs = [], []
+    for r in range(k):
+        sx, sy, qx, qy = [], [], [], []
+        for t in range(2):
+            per_class = [torch.cat([ep.support_x[t][ep.support_y[t] == c], ep.query_x[t][ep.query_y[t] == c]])
+                         for c in range(n_way)]
+            sx.append(torch.cat([imgs[[(r + j) % k for j in range(n_shot)]] for imgs in per_class]))
+            qx.append(torch.cat([imgs[[(r + n_shot + j) % k for j in range(n_query)]] for imgs in per_class]))
+            sy.append(torch.arange(n_way).repeat_interleave(n_shot))
+            qy.append(torch.arange(n_way).repeat_interleave(n_query))
+        l, m = plain.meta_loss(Episode(torch.stack(sx), torch.stack(sy), torch.stack(qx), torch.stack(qy), n_way))
+        losses.append(l)
+        accs.append(m["acc"])
+    torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["acc"], torch.stack(accs).mean())
+    # prediction (and so validation and test) is the plain ProtoNet's
+    torch.testing.assert_close(rotated.predict(ep), plain.predict(ep))
+
+
+class _Affine(nn.Module):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.t() + self.b
+
+
+def test_rotated_support_gradient_matches_finite_differences():
+    """float64 gradcheck of the rotated loss through an affine backbone's weights."""
+    g = torch.Generator().manual_seed(1)
+    ep = _shuffled_episode(g, 2, 3, 1, 2, 4)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def loss(w, b):
+        return PrototypicalNetworks(_Affine(w, b), 3, 3, rotate_support=True).meta_loss(ep)[0]
+
+    assert torch.autograd.gradcheck(loss, (w, b))
+
+
+def test_rotated_support_refuses_unequal_class_counts():
+    ep = Episode(torch.randn(1, 3, 2), torch.tensor([[0, 1, 1]]), torch.randn(1, 3, 2), torch.tensor([[0, 1, 0]]), 2)
+    with pytest.raises(ValueError, match="rotate_support"):
+        PrototypicalNetworks(nn.Identity(), 2, 2, rotate_support=True).meta_loss(ep)
