@@ -1,0 +1,44 @@
+import torch
+from torch import nn
+
+from fewshot_runner.algorithms.protonet import PrototypicalNetworks
+from fewshot_runner.data.synthetic import Synthetic
+from fewshot_runner.engine import evaluate as evaluate_module
+from fewshot_runner.engine.device import Runtime
+from fewshot_runner.engine.evaluate import evaluate
+
+CPU = Runtime(torch.device("cpu"), None, False)
+
+
+class Recording(PrototypicalNetworks):
+    """ProtoNet on raw pixels that records how many images each predict call saw."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Flatten(), 5, 64)
+        self.images: list[int] = []
+
+    def predict(self, episodes):
+        self.images.append(episodes.support_x.shape[:2].numel() + episodes.query_x.shape[:2].numel())
+        return super().predict(episodes)
+
+
+def test_evaluation_forwards_are_bounded_and_give_the_same_episodes_and_accuracy(monkeypatch):
+    split = Synthetic(per_class=20, image_size=8, channels=1, seed=0).split("test")
+    # 20 tasks of 5-way 1-shot 5 queries (30 images) per chunk; a cap of 100 images -> 3 tasks per forward
+    monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 100)
+    capped = Recording()
+    small = evaluate(capped, split, 5, 1, 5, 45, seed=3, chunk=20, runtime=CPU)
+    assert max(capped.images) <= 100 and len(capped.images) == 7 + 7 + 2  # 20 = 3*6+2 twice, then 5 = 3+2
+    monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 10**9)
+    whole = Recording()
+    big = evaluate(whole, split, 5, 1, 5, 45, seed=3, chunk=20, runtime=CPU)
+    assert whole.images == [600, 600, 150]
+    assert small == big and small["n_episodes"] == 45 and 0.0 < small["acc"] <= 1.0
+
+
+def test_one_task_over_the_cap_still_runs(monkeypatch):
+    split = Synthetic(per_class=20, image_size=8, channels=1, seed=0).split("test")
+    monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 10)
+    learner = Recording()
+    assert evaluate(learner, split, 5, 1, 5, 4, seed=3, chunk=4, runtime=CPU)["n_episodes"] == 4
+    assert learner.images == [30, 30, 30, 30]
