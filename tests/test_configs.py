@@ -60,6 +60,11 @@ def test_published_defaults(compose_cfg):
     assert (fast.algo._target_.endswith("PrototypicalNetworks"), fast.data.train_n_way, fast.data.train_n_query,
             fast.train.split, fast.train.steps, fast.train.lr_decay_every, fast.device.precision) == (
         True, 100, 5, "trainval", 6500, 2000, "auto")
+    fp32 = compose_cfg(["experiment=protonet_omniglot_10min_fp32"])  # the README's fp32 10-minute row
+    assert (fp32.algo.rotate_support, fp32.data.train_n_way, fp32.data.train_n_query, fp32.train.split,
+            fp32.train.steps, fp32.train.outer_lr, fp32.train.lr_decay_every, fp32.device.precision) == (
+        True, 100, 5, "trainval", 1650, 2e-3, 525, "fp32")
+    assert fast.algo.rotate_support is False
     logger = compose_cfg([])
     assert "api_key" not in str(logger.logger).lower()
 
