@@ -36,10 +36,11 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
     try:
         with torch.no_grad():
             for chunk_eps in fixed_episodes(split, n_way, n_shot, n_query, n_episodes, seed, chunk):
+                chunk_eps = chunk_eps.to(runtime.device)  # one copy per chunk; the groups are views of it
                 per_task = chunk_eps.support_y.shape[1] + chunk_eps.query_y.shape[1]
                 step = max(1, EVAL_IMAGES_PER_FORWARD // per_task)
                 for start in range(0, chunk_eps.n_tasks, step):
-                    eps = chunk_eps.tasks(start, start + step).to(runtime.device)
+                    eps = chunk_eps.tasks(start, start + step)
                     with runtime.autocast():
                         logits = algo.predict(eps)
                     accs.append((logits.argmax(-1) == eps.query_y).float().mean(-1).cpu())
