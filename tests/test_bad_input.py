@@ -126,6 +126,7 @@ CASES = {
     "unknown train split": (["train", "train.split=test"], ["train.split=test", "train, trainval"]),
     "unknown lr schedule": (["train", "train.lr_schedule=linear"], ["train.lr_schedule=linear", "step, cosine"]),
     "lr_min above 1": (["train", "train.lr_schedule=cosine", "train.lr_min=2"], ["train.lr_min=2", "between 0 and 1"]),
+    "ema_decay of 1": (["train", "train.ema_decay=1"], ["train.ema_decay=1", "in (0, 1)"]),
     "compile with MAML": (["train", "algo=maml", "device.compile=true"], ["device.compile=true", "device.compile=false"]),
     "compile with a learner that cannot be imported": (
         ["train", "algo._target_=fewshot_runner.algorithms.Nope", "device.compile=true"],
@@ -174,6 +175,9 @@ CASES = {
                                          ["split_scheme=maml needs more than 1200 characters", "vinyals"]),
     "resume with another learning rate": (["train", "algo=protonet", "backbone.hidden=4", "train.outer_lr=0.01",
                                            f"resume={LAST}"], ["was trained with train.outer_lr=0.001", "resume with"]),
+    "resume with a weight average the run did not have": (
+        ["train", "algo=protonet", "backbone.hidden=4", "train.ema_decay=0.9", f"resume={LAST}"],
+        ["was trained with train.ema_decay=0.0", "resume with train.ema_decay=0.0"]),
     "resume a cosine schedule for more steps": (["train", "algo=protonet", "backbone.hidden=4", "train.steps=10",
                                                  "train.lr_schedule=cosine", "resume={w}/bad/cosine_2_steps.pt"],
                                                 ["train.steps=2", "cosine schedule is fixed to its steps"]),

@@ -28,10 +28,10 @@ from fewshot_runner.errors import UserError
 
 # Small nets on one thread: seconds per run, and the same arithmetic in every process.
 FAST = ["debug=smoke", "backbone.hidden=8", "device.threads=1"]
-# ProtoNet with an LR schedule; checkpoints every 2 steps, logs and validates every 3, so the
-# logging window is non-empty at checkpoints and kills fall between the events.
+# ProtoNet with an LR schedule and a weight average; checkpoints every 2 steps, logs and validates
+# every 3, so the logging window is non-empty at checkpoints and kills fall between the events.
 PROTO = [*FAST, "algo=protonet", "train.steps=8", "train.ckpt_every=2", "train.val_every=3", "train.log_every=3",
-         "train.lr_decay_every=3", "train.lr_decay=0.5"]
+         "train.lr_decay_every=3", "train.lr_decay=0.5", "train.ema_decay=0.8"]
 MAML = [*FAST, "algo=maml", "train.steps=6", "train.ckpt_every=2", "train.val_every=3", "train.log_every=1",
         "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 

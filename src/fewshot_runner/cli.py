@@ -251,6 +251,9 @@ def check_values(command: str, cfg) -> None:
         v = OmegaConf.select(cfg, "train.lr_min")
         if v is not None and not 0 <= v <= 1:
             fail(f"train.lr_min={v} must be between 0 and 1 (a fraction of train.outer_lr)")
+        v = OmegaConf.select(cfg, "train.ema_decay")
+        if v is not None and not 0 <= v < 1:
+            fail(f"train.ema_decay={v} must be 0 (off) or a decay in (0, 1), e.g. 0.99")
 
 
 # ----------------------------------------------------------------------------- hydra entry

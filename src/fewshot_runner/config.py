@@ -131,6 +131,9 @@ class TrainLoopConfig:
     lr_schedule: str = "step"
     lr_min: float = 0.0
     grad_clip: Optional[float] = None
+    # exponential moving average of the weights (0: off): validation, the test and best.pt use the
+    # average; training goes on with the model's own weights (engine/ema.py)
+    ema_decay: float = 0.0
     task_chunk: Optional[int] = None  # tasks per forward/backward (bounds memory); None: all
     val_every: int = 500
     val_episodes: int = 200

@@ -1,8 +1,10 @@
 """Checkpoints: plain data + tensors, written atomically, loaded with ``weights_only=True``.
 
 Format (a dict): format, package_version, config (resolved, plain containers), step,
-model, optimizer, scheduler, sampler, rng {python, numpy, torch}, best_val_acc, best_step,
-log_window, wall_time.
+model, ema (None, or the weight average of ``train.ema_decay``: {decay, updates, weights}; where
+present, evaluation uses its weights and resume the model's), optimizer, scheduler, sampler, rng
+{python, numpy, torch}, best_val_acc, best_step, log_window, wall_time.  Files written before the
+ema entry existed have none, which reads as no average.
 
 Writing: the bytes go to a temporary file beside the target, are flushed and fsynced, then
 renamed over it (and the folder is fsynced), so a kill or a full disk during a save leaves
@@ -230,6 +232,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
         raise CheckpointError(f"checkpoint {path} holds no model weights (a dict of tensors); use a checkpoint "
                               f"written by `fewshot train`")
+    ema = state.get("ema")
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("weights"), dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ema["weights"].items())):
+        raise CheckpointError(f"checkpoint {path} has a broken weight average (ema); use a checkpoint written by "
+                              f"`fewshot train`")
     if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
         raise CheckpointError(f"checkpoint {path} has an invalid step {state['step']!r}; use a checkpoint "
                               f"written by `fewshot train`")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +47,7 @@ from fewshot_runner.data.sampler import EpisodeSampler, check_episode_shape
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.console import console, progress_bar, results_table
 from fewshot_runner.engine.device import Runtime, resolve_runtime
+from fewshot_runner.engine.ema import WeightAverage, eval_weights
 from fewshot_runner.engine.evaluate import evaluate
 from fewshot_runner.engine.graphs import GraphedStep
 from fewshot_runner.engine.memory import MB, ChunkPlanner, chunk_bounds, measure_peak
@@ -539,6 +540,10 @@ def _check_same_run(saved: dict, cfg: DictConfig, path: Path) -> None:
                               f"schedule carry on; resume with {then}"
                               + (" (a cosine schedule is fixed to its steps; to train longer, start a new run "
                                  "from scratch, or use train.lr_schedule=step)" if "steps" in changed else ""))
+    if float(was.get("ema_decay") or 0.0) != float(cur.get("ema_decay") or 0.0):
+        raise CheckpointError(f"checkpoint {path} was trained with train.ema_decay={was.get('ema_decay') or 0.0}, "
+                              f"which its weight average carries on; resume with "
+                              f"train.ema_decay={was.get('ema_decay') or 0.0}")
     if saved["data"].get("n_way") != now["data"].get("n_way") and "MAML" in str(now["algo"].get("_target_")):
         raise CheckpointError(f"checkpoint {path} has a {saved['data'].get('n_way')}-way head; resume with "
                               f"data.n_way={saved['data'].get('n_way')}")
@@ -590,7 +595,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
     return None
 
 
-def _restore(state: dict, path: Path, algo, optimizer, scheduler, sampler) -> None:
+def _restore(state: dict, path: Path, algo, optimizer, scheduler, sampler, average: WeightAverage | None) -> None:
     try:
         algo.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -602,6 +607,8 @@ def _restore(state: dict, path: Path, algo, optimizer, scheduler, sampler) -> No
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if average is not None:
+            average.load_state_dict(state["ema"])
         float(state["best_val_acc"]), int(state["best_step"])
         if not isinstance(state["rng"], dict):
             raise TypeError("rng is not a dict")
@@ -715,6 +722,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     algo.check_n_way(ev.n_way)
     optimizer = torch.optim.Adam(algo.parameters(), lr=cfg.train.outer_lr)
     scheduler = make_scheduler(optimizer, cfg.train)
+    average = WeightAverage(algo, cfg.train.ema_decay) if cfg.train.ema_decay else None
     sampler = EpisodeSampler(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
     outer_step = getattr(algo, "outer_step", None)
     planner, graphed = step_helpers(algo, runtime, cfg.train)
@@ -723,7 +731,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     start_step, best_acc, best_step, wall_before = 0, -1.0, -1, 0.0
     window: dict[str, list[float]] = {}
     if state is not None:
-        _restore(state, resume_path, algo, optimizer, scheduler, sampler)
+        _restore(state, resume_path, algo, optimizer, scheduler, sampler, average)
         start_step = int(state["step"])
         best_acc, best_step = float(state["best_val_acc"]), int(state["best_step"])
         window = {k: [float(x) for x in v] for k, v in (state.get("log_window") or {}).items()}
@@ -747,6 +755,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     def snapshot(step: int) -> dict[str, Any]:
         return {
             "config": config_plain, "step": step, "model": algo.state_dict(),
+            "ema": average.state_dict() if average is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
             "sampler": sampler.state_dict(), "rng": ckpt.rng_state(), "best_val_acc": best_acc,
             "best_step": best_step, "log_window": window, "wall_time": wall_before + time.time() - t_start,
@@ -819,6 +828,8 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                             b.copy_(kept)
                     _say(f"warning: {msg}; update skipped (train.on_nan=skip)")
                     logger.log_metrics({"train/skipped_nan": 1.0}, step)
+                if average is not None and math.isfinite(metrics["loss"]):
+                    average.update(algo)
                 if scheduler is not None:
                     scheduler.step()
                 for k, v in metrics.items():
@@ -841,8 +852,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                              f"lr {logged['train/lr']:.3g}  {_clock(wall_before + now - t_start)}")
                         t_said = now
                 if validate and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
-                    val = evaluate(algo, val_split, ev.n_way, ev.n_shot, ev.n_query, cfg.train.val_episodes,
-                                   cfg.eval.seed, cfg.eval.chunk, runtime)
+                    with average.applied(algo) if average is not None else nullcontext():
+                        val = evaluate(algo, val_split, ev.n_way, ev.n_shot, ev.n_query, cfg.train.val_episodes,
+                                       cfg.eval.seed, cfg.eval.chunk, runtime)
                     faults.at("val", step)
                     improved = val["acc"] > best_acc
                     if improved:
@@ -868,7 +880,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
         # --- test the best model
         best_path = ckpt_dir / "best.pt"
         if best_path.exists():
-            algo.load_state_dict(ckpt.load_checkpoint(best_path)["model"])
+            algo.load_state_dict(eval_weights(ckpt.load_checkpoint(best_path)))
+        elif average is not None:
+            algo.load_state_dict(average.weights)
         test = evaluate(algo, test_split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                         cfg.eval.chunk, runtime)
         wall = wall_before + time.time() - t_start
@@ -950,7 +964,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     train_n_way = state["config"]["data"].get("train_n_way") or state["config"]["data"]["n_way"]
     algo = build_learner(saved, dataset.x_shape, train_n_way, runtime)
     try:
-        algo.load_state_dict(state["model"])
+        algo.load_state_dict(eval_weights(state))
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not match its own config's model "
                               f"({str(e).splitlines()[0]}); it may come from another version of fewshot") from None
