@@ -119,3 +119,55 @@ def test_rotated_support_refuses_unequal_class_counts():
     ep = Episode(torch.randn(1, 3, 2), torch.tensor([[0, 1, 1]]), torch.randn(1, 3, 2), torch.tensor([[0, 1, 0]]), 2)
     with pytest.raises(ValueError, match="rotate_support"):
         PrototypicalNetworks(nn.Identity(), 2, 2, rotate_support=True).meta_loss(ep)
+
+
+def _episode_with_classes(g, n_tasks, n_way, n_shot, n_query, d, n_classes):
+    ep = _shuffled_episode(g, n_tasks, n_way, n_shot, n_query, d)
+    ep.classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(n_tasks)])
+    return ep
+
+
+def test_auxiliary_loss_adds_a_cross_entropy_over_the_training_classes():
+    """algo.aux_weight: the loss is the ProtoNet loss + aux_weight x the mean cross-entropy of a linear
+    head over the training classes, on every support and query image (target: its way's class)."""
+    g = torch.Generator().manual_seed(2)
+    n_way, d, n_classes = 3, 4, 7
+    ep = _episode_with_classes(g, 2, n_way, 1, 2, d, n_classes)
+    aux = PrototypicalNetworks(nn.Identity(), n_way, d, rotate_support=True, aux_weight=0.5,
+                               aux_classes=n_classes).double()
+    loss, metrics = aux.meta_loss(ep)
+    proto, _ = PrototypicalNetworks(nn.Identity(), n_way, d, rotate_support=True).meta_loss(ep)
+    terms = []
+    for t in range(2):
+        for x, y in ((ep.support_x[t], ep.support_y[t]), (ep.query_x[t], ep.query_y[t])):
+            for xi, yi in zip(x, y):
+                logits = aux.aux_head.weight @ xi + aux.aux_head.bias
+                terms.append(torch.logsumexp(logits, 0) - logits[ep.classes[t, yi]])
+    expected_aux = torch.stack(terms).mean()
+    torch.testing.assert_close(metrics["aux_loss"], expected_aux, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, proto + 0.5 * expected_aux, rtol=1e-10, atol=1e-12)
+    # the head takes no part in prediction
+    torch.testing.assert_close(aux.predict(ep), PrototypicalNetworks(nn.Identity(), n_way, d).predict(ep))
+
+
+def test_auxiliary_loss_gradient_matches_finite_differences():
+    """float64 gradcheck of the whole loss (rotated ProtoNet + auxiliary head) through backbone and head."""
+    g = torch.Generator().manual_seed(3)
+    ep = _episode_with_classes(g, 2, 3, 1, 2, 4, 5)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    hw = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    hb = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def loss(w, b, hw, hb):
+        net = PrototypicalNetworks(_Affine(w, b), 3, 3, rotate_support=True, aux_weight=0.7, aux_classes=5)
+        net.aux_head = _Affine(hw, hb)
+        return net.meta_loss(ep)[0]
+
+    assert torch.autograd.gradcheck(loss, (w, b, hw, hb))
+
+
+def test_auxiliary_loss_needs_episodes_that_name_their_classes():
+    ep = _shuffled_episode(torch.Generator().manual_seed(4), 1, 2, 1, 1, 2)
+    with pytest.raises(ValueError, match="Episode.classes"):
+        PrototypicalNetworks(nn.Identity(), 2, 2, aux_weight=1.0, aux_classes=3).double().meta_loss(ep)
