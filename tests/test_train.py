@@ -134,22 +134,3 @@ def test_status_lines_are_spaced_in_time_and_the_last_step_always_has_one(compos
     out = capsys.readouterr().out
     assert [f"step {i}/3  loss" in out for i in (1, 2, 3)] == [False, False, True], out
     assert "step 2/3  val acc " in out and "step 3/3  val acc " in out
-
-
-def test_protonet_auxiliary_head_spans_the_training_classes_and_its_checkpoint_evaluates(compose_cfg, tmp_path):
-    """algo.aux_weight: `fewshot train` sets algo.aux_classes to the training split's class count, the
-    loss logs its auxiliary part, and `fewshot eval` rebuilds the head from the checkpoint's config."""
-    import fewshot_runner.engine.run as run
-    from fewshot_runner.engine import checkpoint as ckpt
-
-    cfg = compose_cfg(["debug=smoke", "algo=protonet", "algo.aux_weight=0.5"])
-    res = run.train(cfg, run_dir=tmp_path / "run")
-    n_classes = run.build_dataset(cfg.data).split("train").n_classes
-    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert state["config"]["algo"]["aux_classes"] == n_classes
-    assert state["model"]["aux_head.weight"].shape[0] == n_classes
-    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["train/aux_loss"] > 0 for r in rows if "train/loss" in r)
-    ev = compose_cfg([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "device=cpu",
-                      "eval.n_episodes=20", "eval.chunk=10"], name="eval")
-    assert run.evaluate_checkpoint(ev, run_dir=tmp_path / "ev")["test/acc"] == res["test/acc"]

@@ -85,11 +85,6 @@ class ProtoNetConfig:
     # training only: average the episode loss over the rotations of each class's shot + query images
     # between support and query (each image is the support once per n_shot), from the same embeddings
     rotate_support: bool = False
-    # training only: add aux_weight x a cross-entropy over all training classes, from a linear head
-    # on the embeddings of every image of the episode (TADAM's auxiliary co-training); 0: off.
-    # aux_classes is set by `fewshot train` (the training split's class count), not by hand
-    aux_weight: float = 0.0
-    aux_classes: int = 0
 
 
 # ----------------------------------------------------------------------------- run level

@@ -17,9 +17,6 @@ class Episode:
 
     Labels are class indices 0..n_way-1 (long) for classification, or targets (float)
     for regression.  ``n_way`` is carried so algorithms never infer it from labels.
-    ``classes`` (optional): which class of the split each way is, (n_way,) or (n_tasks, n_way)
-    long, for losses over the split's classes (ProtoNet's ``algo.aux_weight``); samplers fill it,
-    learners that do not need it ignore it.
     """
 
     support_x: torch.Tensor
@@ -27,7 +24,6 @@ class Episode:
     query_x: torch.Tensor
     query_y: torch.Tensor
     n_way: int
-    classes: torch.Tensor | None = None
 
     @property
     def batched(self) -> bool:
@@ -41,15 +37,13 @@ class Episode:
         """The i-th task of a batch, as a single-task Episode."""
         if not self.batched:
             raise ValueError("task(i) needs a batch of episodes")
-        return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], self.n_way,
-                       None if self.classes is None else self.classes[i])
+        return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], self.n_way)
 
     def tasks(self, start: int, stop: int) -> "Episode":
         """Tasks start..stop-1 of a batch, still batched."""
         return Episode(
             self.support_x[start:stop], self.support_y[start:stop],
             self.query_x[start:stop], self.query_y[start:stop], self.n_way,
-            None if self.classes is None else self.classes[start:stop],
         )
 
     def map_tensors(self, fn) -> "Episode":
@@ -81,8 +75,7 @@ class Episode:
             return y
 
         return Episode(move_x(self.support_x), move_y(self.support_y),
-                       move_x(self.query_x), move_y(self.query_y), self.n_way,
-                       None if self.classes is None else self.classes.to(device, non_blocking=non_blocking))
+                       move_x(self.query_x), move_y(self.query_y), self.n_way)
 
     def pin_memory(self) -> "Episode":
         return self.map_tensors(lambda t: t.pin_memory())

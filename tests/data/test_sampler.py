@@ -81,15 +81,3 @@ def test_too_many_ways_or_shots_is_a_clear_error():
         EpisodeSampler(split, 20, 1, 1, seed=0)
     with pytest.raises(DataError, match="more than the 10 images per class"):
         EpisodeSampler(split, 5, 5, 6, seed=0)
-
-
-def test_episodes_name_the_split_class_of_every_way_and_keep_it_when_sliced_or_moved():
-    ep = EpisodeSampler(make_split(), n_way=4, n_shot=2, n_query=3, seed=3).sample(6)
-    assert ep.classes.shape == (6, 4) and ep.classes.dtype == torch.long
-    for t in range(6):
-        for x, y in ((ep.support_x[t], ep.support_y[t]), (ep.query_x[t], ep.query_y[t])):
-            # pixel value // 10 is the image's class in make_split
-            assert torch.equal(x[:, 0, 0, 0] // 10, ep.classes[t][y])
-    assert torch.equal(ep.task(2).classes, ep.classes[2])
-    assert torch.equal(ep.tasks(1, 4).classes, ep.classes[1:4])
-    assert torch.equal(ep.to("cpu", torch.float64).classes, ep.classes)

@@ -57,16 +57,10 @@ class PrototypicalNetworks(nn.Module):
     """Embeds support and query in one pass; logits are negative squared Euclidean
     distances to the support class means.  Works for any n_way at test time."""
 
-    def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, rotate_support: bool = False,
-                 aux_weight: float = 0.0, aux_classes: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, rotate_support: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.rotate_support = rotate_support
-        self.aux_weight = aux_weight
-        if aux_weight and aux_classes < 1:
-            raise ValueError("aux_weight needs aux_classes, the number of training classes")
-        # a linear classifier over the training classes, used by the training loss only
-        self.aux_head = nn.Linear(feature_dim, aux_classes) if aux_weight else None
 
     def embed(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Support (T, S, D) and query (T, Q, D) embeddings from one backbone pass."""
@@ -80,28 +74,12 @@ class PrototypicalNetworks(nn.Module):
         return squared_euclidean_logits(query_z, prototypes(support_z, ep.support_y, ep.n_way))
 
     def meta_loss(self, episodes: Episode):
-        support_z, query_z = self.embed(episodes)
         if self.rotate_support:
-            logits, labels = rotated_logits(support_z, query_z, episodes)
+            logits, labels = rotated_logits(*self.embed(episodes), episodes)
         else:
-            logits = squared_euclidean_logits(query_z, prototypes(support_z, episodes.support_y, episodes.n_way))
-            labels = episodes.query_y
+            logits, labels = self.logits(episodes), episodes.query_y
         loss = cross_entropy(logits, labels)
-        metrics = {"loss": loss.detach(), "acc": accuracy(logits.detach(), labels)}
-        if self.aux_head is not None:
-            aux = self.aux_loss(support_z, query_z, episodes)
-            metrics["aux_loss"] = aux.detach()
-            loss = loss + self.aux_weight * aux
-        return loss, metrics
-
-    def aux_loss(self, support_z: torch.Tensor, query_z: torch.Tensor, ep: Episode) -> torch.Tensor:
-        """Cross-entropy of the auxiliary head over the training classes, every image of the episode."""
-        if ep.classes is None:
-            raise ValueError("aux_weight needs episodes that name their classes (Episode.classes)")
-        z = torch.cat([support_z, query_z], dim=1)  # (T, S + Q, D)
-        y = torch.cat([ep.support_y, ep.query_y], dim=1)
-        target = torch.gather(ep.classes.view(ep.n_tasks, -1), 1, y)
-        return cross_entropy(self.aux_head(z), target)
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits.detach(), labels)}
 
     def predict(self, episodes: Episode) -> torch.Tensor:
         return self.logits(episodes)

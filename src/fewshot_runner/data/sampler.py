@@ -59,7 +59,7 @@ class EpisodeSampler:
         xq = x[:, :, self.n_shot :].reshape(n_tasks, n_way * self.n_query, *s.x_shape)
         ys = labels.expand(n_tasks, n_way, self.n_shot).reshape(n_tasks, -1)
         yq = labels.expand(n_tasks, n_way, self.n_query).reshape(n_tasks, -1)
-        return Episode(xs, ys.clone(), xq, yq.clone(), n_way, classes.contiguous())
+        return Episode(xs, ys.clone(), xq, yq.clone(), n_way)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

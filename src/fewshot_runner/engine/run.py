@@ -461,7 +461,7 @@ class FaultPlan:
 def _poisoned(episodes: Episode) -> Episode:
     nan = float("nan")
     return Episode(episodes.support_x * nan, episodes.support_y, episodes.query_x * nan, episodes.query_y,
-                   episodes.n_way, episodes.classes)
+                   episodes.n_way)
 
 
 # ----------------------------------------------------------------------------- run dir, resume
@@ -717,8 +717,6 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     check_episode_shape(val_split, ev.n_way, ev.n_shot, ev.n_query)
     check_episode_shape(test_split, ev.n_way, ev.n_shot, ev.n_query)
 
-    if cfg.algo.get("aux_weight"):  # the auxiliary head spans the training classes; eval builds it from this
-        OmegaConf.update(cfg, "algo.aux_classes", train_split.n_classes)
     seed_everything(cfg.seed)
     algo = build_learner(cfg, dataset.x_shape, tr.n_way, runtime)
     algo.check_n_way(ev.n_way)
