@@ -85,7 +85,6 @@ class ProtoNetConfig:
     # training only: average the episode loss over the rotations of each class's shot + query images
     # between support and query (each image is the support once per n_shot), from the same embeddings
     rotate_support: bool = False
-    support_resplits: int = 0  # experiment: random 1-shot re-splits per training episode
 
 
 # ----------------------------------------------------------------------------- run level

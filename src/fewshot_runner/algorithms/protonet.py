@@ -53,42 +53,14 @@ def rotated_logits(support_z: torch.Tensor, query_z: torch.Tensor, ep: Episode) 
     return logits, labels
 
 
-def resplit_losses(support_z: torch.Tensor, query_z: torch.Tensor, ep: Episode, n_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-shot episodes re-split ``n_splits`` times at random: in each, every class's support image is
-    one of its k = 1 + query images drawn uniformly and independently per class, and every other image
-    is a query.  Returns the per-query cross-entropies (T, n_splits, N) with N = n_way * k, and a mask of
-    the entries that are queries (the support images themselves are not scored).
-    """
-    T, S, D = support_z.shape
-    n_way = ep.n_way
-    k = (S + query_z.shape[1]) // n_way
-    y = torch.cat([ep.support_y, ep.query_y], dim=1)
-    order = y.argsort(dim=1, stable=True)
-    expected = torch.arange(n_way, device=y.device).repeat_interleave(k)
-    if S != n_way or not torch.equal(torch.gather(y, 1, order), expected.expand(T, -1)):
-        raise ValueError("support_resplits needs 1-shot episodes with n_query queries of every class")
-    z = torch.gather(torch.cat([support_z, query_z], dim=1), 1, order.unsqueeze(-1).expand(-1, -1, D))
-    sq = z.pow(2).sum(-1)  # (T, N)
-    cols = torch.randint(k, (n_splits, n_way), device=z.device) + k * torch.arange(n_way, device=z.device)
-    p = z[:, cols.flatten()]  # (T, R * n_way, D): the support images of every split
-    logits = 2 * z @ p.transpose(1, 2) - sq.unsqueeze(-1) - sq[:, cols.flatten()].unsqueeze(1)  # (T, N, R*n_way)
-    logits = logits.view(T, -1, n_splits, n_way).transpose(1, 2)  # (T, R, N, n_way)
-    labels = expected.view(1, 1, -1).expand(T, n_splits, -1)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, n_way), labels.reshape(-1), reduction="none")
-    is_query = cols.gather(1, expected.view(1, -1).expand(n_splits, -1)) != torch.arange(len(expected), device=z.device)
-    return ce.view(T, n_splits, -1), is_query.expand(T, -1, -1)
-
-
 class PrototypicalNetworks(nn.Module):
     """Embeds support and query in one pass; logits are negative squared Euclidean
     distances to the support class means.  Works for any n_way at test time."""
 
-    def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, rotate_support: bool = False,
-                 support_resplits: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, rotate_support: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.rotate_support = rotate_support
-        self.support_resplits = support_resplits
 
     def embed(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Support (T, S, D) and query (T, Q, D) embeddings from one backbone pass."""
@@ -102,10 +74,6 @@ class PrototypicalNetworks(nn.Module):
         return squared_euclidean_logits(query_z, prototypes(support_z, ep.support_y, ep.n_way))
 
     def meta_loss(self, episodes: Episode):
-        if self.support_resplits:
-            ce, is_query = resplit_losses(*self.embed(episodes), episodes, self.support_resplits)
-            loss = ce[is_query].mean()
-            return loss, {"loss": loss.detach()}
         if self.rotate_support:
             logits, labels = rotated_logits(*self.embed(episodes), episodes)
         else:
