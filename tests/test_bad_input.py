@@ -58,6 +58,8 @@ def world(tmp_path_factory) -> Path:
     torch.save({**state, "optimizer": None, "sampler": "x"}, bad / "no_training_state.pt")
     cosine = {**state["config"], "train": {**state["config"]["train"], "lr_schedule": "cosine"}}
     torch.save({**state, "config": cosine}, bad / "cosine_2_steps.pt")  # as a cosine run of train.steps=2 writes
+    newer = {**state["config"], "algo": {**state["config"]["algo"], "support_resplits": 16}}
+    torch.save({**state, "config": newer}, bad / "unknown_algo_option.pt")  # as a build with that option writes
     (bad / "a_folder.pt").mkdir()
     (w / "not_a_folder.txt").write_text("a file where a folder is expected\n")
 
@@ -164,6 +166,9 @@ CASES = {
     "eval of a corrupt checkpoint": (["eval", "checkpoint={w}/bad/truncated.pt", "device=cpu"], ["is corrupt"]),
     "eval of a checkpoint with pickled code": (["eval", "checkpoint={w}/bad/pickled_code.pt", "device=cpu"],
                                                ["refused for safety"]),
+    "eval of a checkpoint with an option this version lacks": (
+        ["eval", "checkpoint={w}/bad/unknown_algo_option.pt", "device=cpu"],
+        ["unexpected keyword argument 'support_resplits'", "the version (commit) that wrote it"]),
     # --- data and episode shapes (checked once the data set is built)
     "more ways than classes": (["train", "data.n_way=100"], ["data.n_way=100", "classes", "data.n_way<="]),
     "more shots than images": (["train", "data.n_shot=10", "data.n_query=15"], ["images per class", "data.n_shot"]),

@@ -939,6 +939,22 @@ def with_device(saved: DictConfig, device: DictConfig) -> DictConfig:
     return saved
 
 
+@contextmanager
+def _built_from(path: str | Path, state: dict):
+    """Building a checkpoint's saved config: a setting this version's classes do not take (a checkpoint
+    of another fewshot version, or of a build with an option since removed) is one CheckpointError."""
+    from hydra.errors import InstantiationException
+
+    try:
+        yield
+    except (InstantiationException, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "unexpected keyword" in ln or "missing" in ln), lines[-1] if lines else "")
+        raise CheckpointError(f"checkpoint {path} holds settings this fewshot ({__version__}) cannot build "
+                              f"({why[:160]}); it was written by fewshot {state.get('package_version', '?')} "
+                              f"with other options: evaluate it with the version (commit) that wrote it") from None
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Re-test a saved model on ``cfg.eval.n_episodes`` episodes of ``cfg.eval.split``."""
     state = ckpt.load_checkpoint(cfg.checkpoint)
@@ -957,12 +973,14 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                                   f"has no {k}; leave it out")
             OmegaConf.update(saved, f"algo.{k}", v)
     runtime = resolve_runtime(cfg.device)
-    dataset = build_dataset(saved.data)
+    with _built_from(cfg.checkpoint, state):
+        dataset = build_dataset(saved.data)
     tr, ev = episode_shapes(saved.data)
     split = dataset.split(cfg.eval.split)
     check_episode_shape(split, ev.n_way, ev.n_shot, ev.n_query)
     train_n_way = state["config"]["data"].get("train_n_way") or state["config"]["data"]["n_way"]
-    algo = build_learner(saved, dataset.x_shape, train_n_way, runtime)
+    with _built_from(cfg.checkpoint, state):
+        algo = build_learner(saved, dataset.x_shape, train_n_way, runtime)
     try:
         algo.load_state_dict(eval_weights(state))
     except RuntimeError as e:
