@@ -295,3 +295,21 @@ def test_save_sweep_summary_plot(tmp_path):
     out = save_sweep_summary_plot(rows, tmp_path / "summary.png")
     assert out is not None and out.read_bytes()[:8] == PNG_MAGIC
     assert save_sweep_summary_plot([], tmp_path / "none.png") is None
+
+
+def test_fewshot_eval_logs_its_result_to_comet_offline(compose_cfg, tmp_path, no_key):
+    """`fewshot eval ... logger=comet_offline`: the result at the checkpoint's step, the eval settings
+    and the checkpoint's training config go into the archive, whose upload command is printed."""
+    from fewshot_runner.engine.run import evaluate_checkpoint, train
+
+    train(compose_cfg(["debug=smoke", "algo=protonet", "backbone.hidden=8"]), run_dir=tmp_path / "run")
+    cfg = compose_cfg([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "device=cpu",
+                       "eval.n_episodes=6", "logger=comet_offline", "logger.experiment_name=re-test"], name="eval")
+    res = evaluate_checkpoint(cfg, run_dir=tmp_path / "ev")
+    (z,) = (tmp_path / "ev" / "comet").glob("*.zip")
+    assert ("test/acc", pytest.approx(res["test/acc"]), 4) in [(k, v, s) for k, v, s in _metrics_in_zip(z)]
+    text = _zip_text(z)
+    for needle in ("eval.n_episodes", "trained.algo._target_", "re-test", "best.pt"):
+        assert needle in text, needle
+    assert _lines(tmp_path / "ev" / "metrics.jsonl") == [
+        {"step": 4, "test/acc": res["test/acc"], "test/ci95": res["test/ci95"], "test/n_episodes": 6}]

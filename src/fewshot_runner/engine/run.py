@@ -994,8 +994,30 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                **{f"algo/{k}": saved.algo[k] for k in ("eval_inner_steps", "inner_lr") if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"])}
     _write_json(run_dir / "results.json", results)
+    messages = _log_eval(cfg, run_dir, saved, results)
     console.print(results_table(
         f"eval {Path(cfg.checkpoint).name}: {ev.n_way}-way {ev.n_shot}-shot, {cfg.eval.split}",
         [("acc", f"{100 * test['acc']:.2f} % ± {100 * test['ci95']:.2f}"), ("episodes", str(test["n_episodes"])),
          ("run dir", str(run_dir))]))
+    for m in messages:
+        _say(m)
     return results
+
+
+def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any]) -> list[str]:
+    """``logger=`` for ``fewshot eval`` (default none: metrics.jsonl only): the eval settings and the
+    checkpoint's training config as parameters, the results as metrics at the checkpoint's step."""
+    from fewshot_runner.loggers import make_logger
+
+    logger = make_logger(cfg.logger.kind, run_dir, project_name=cfg.logger.get("project_name"),
+                         workspace=cfg.logger.get("workspace"), experiment_name=cfg.logger.get("experiment_name"),
+                         tags=list(cfg.logger.get("tags") or []), truncate_after_step=0)
+    try:
+        logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
+                           "trained": OmegaConf.to_container(saved, resolve=True)})
+        logger.log_metrics({k: v for k, v in results.items() if k in ("test/acc", "test/ci95", "test/n_episodes")},
+                           results["step"])
+        logger.log_other("checkpoint", results["checkpoint"])
+    finally:
+        messages = _close(logger)
+    return messages
