@@ -24,16 +24,20 @@ class Recording(PrototypicalNetworks):
 
 def test_evaluation_forwards_are_bounded_and_give_the_same_episodes_and_accuracy(monkeypatch):
     split = Synthetic(per_class=20, image_size=8, channels=1, seed=0).split("test")
-    # 20 tasks of 5-way 1-shot 5 queries (30 images) per chunk; a cap of 100 images -> 3 tasks per forward
-    monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 100)
+    # 120 episodes of 5-way 1-shot 5 queries (30 images), drawn in blocks of 50, 50, 20
+    monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 100)  # -> 3 tasks per forward
     capped = Recording()
-    small = evaluate(capped, split, 5, 1, 5, 45, seed=3, chunk=20, runtime=CPU)
-    assert max(capped.images) <= 100 and len(capped.images) == 7 + 7 + 2  # 20 = 3*6+2 twice, then 5 = 3+2
+    small = evaluate(capped, split, 5, 1, 5, 120, seed=3, chunk=20, runtime=CPU)
+    assert max(capped.images) <= 90 and len(capped.images) == 17 + 17 + 7  # 50 = 16*3+2, 20 = 6*3+2
     monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 10**9)
+    by_chunk = Recording()
+    chunked = evaluate(by_chunk, split, 5, 1, 5, 120, seed=3, chunk=20, runtime=CPU)  # -> 20 tasks per forward
+    assert by_chunk.images == [600, 600, 300, 600, 600, 300, 600]
     whole = Recording()
-    big = evaluate(whole, split, 5, 1, 5, 45, seed=3, chunk=20, runtime=CPU)
-    assert whole.images == [600, 600, 150]
-    assert small == big and small["n_episodes"] == 45 and 0.0 < small["acc"] <= 1.0
+    big = evaluate(whole, split, 5, 1, 5, 120, seed=3, chunk=1000, runtime=CPU)
+    assert whole.images == [1500, 1500, 600]  # a whole block at once
+    # neither eval.chunk nor the image cap changes the episodes, so neither changes the result
+    assert small == chunked == big and small["n_episodes"] == 120 and 0.0 < small["acc"] < 1.0
 
 
 def test_one_task_over_the_cap_still_runs(monkeypatch):

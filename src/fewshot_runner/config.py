@@ -148,7 +148,7 @@ class EvalConfig:
     n_episodes: int = 600
     split: str = "test"
     seed: int = 2024  # fixes the validation/test episodes
-    chunk: int = 50  # episodes per batch
+    chunk: int = 50  # episodes per forward at most (speed and memory only: the episodes depend on seed alone)
 
 
 @dataclass

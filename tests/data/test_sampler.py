@@ -54,9 +54,14 @@ def test_same_seed_same_episodes_and_state_roundtrip():
 
 def test_fixed_episodes_are_reproducible():
     split = make_split()
-    e1 = torch.cat([e.query_x for e in fixed_episodes(split, 5, 1, 2, 25, seed=3, chunk=10)])
-    e2 = torch.cat([e.query_x for e in fixed_episodes(split, 5, 1, 2, 25, seed=3, chunk=10)])
-    assert e1.shape[0] == 25 and torch.equal(e1, e2)
+    blocks = list(fixed_episodes(split, 5, 1, 2, 125, seed=3))
+    assert [e.n_tasks for e in blocks] == [50, 50, 25]
+    e1 = torch.cat([e.query_x for e in blocks])
+    e2 = torch.cat([e.query_x for e in fixed_episodes(split, 5, 1, 2, 125, seed=3)])
+    assert e1.shape[0] == 125 and torch.equal(e1, e2)
+    # the first episodes of a longer run are the episodes of a shorter one
+    e3 = torch.cat([e.query_x for e in fixed_episodes(split, 5, 1, 2, 60, seed=3)])
+    assert torch.equal(e3, e1[:60])
 
 
 def test_classes_come_from_the_split_only():

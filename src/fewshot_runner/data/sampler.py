@@ -68,16 +68,23 @@ class EpisodeSampler:
         self.generator.set_state(state["generator"])
 
 
-def fixed_episodes(split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int,
-                   seed: int, chunk: int = 50):
-    """Yield ``n_episodes`` evaluation episodes in batches of at most ``chunk``.
+# Evaluation episodes are drawn this many per sampler call, whatever eval.chunk is: which episodes a
+# seed gives depends on the seed alone (50 was eval.chunk's default, so earlier default-chunk figures
+# see the very same episodes).
+EPISODE_BLOCK = 50
 
-    Fixed by ``seed`` (and ``chunk``): every run evaluated with the same settings sees the
-    same episodes.
+
+def fixed_episodes(split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int):
+    """Yield ``n_episodes`` evaluation episodes in batches of at most ``EPISODE_BLOCK``.
+
+    Fixed by ``seed``: every run evaluated with the same settings sees the same episodes, and the
+    first episodes of a longer run are those of a shorter one (a last, partial block is a full one
+    cut short).
     """
     sampler = EpisodeSampler(split, n_way, n_shot, n_query, seed)
     done = 0
     while done < n_episodes:
-        n = min(chunk, n_episodes - done)
-        yield sampler.sample(n)
+        n = min(EPISODE_BLOCK, n_episodes - done)
+        block = sampler.sample(EPISODE_BLOCK)
+        yield block if n == EPISODE_BLOCK else block.tasks(0, n)
         done += n

@@ -20,27 +20,29 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), 1.96 * float(v.std(unbiased=True)) / math.sqrt(n)
 
 
-# Images per forward at evaluation: the tasks of a sampled chunk go through the learner in groups of at most
-# this many images.  A whole chunk at once (50 20-way episodes: 6,000 images, 1.2 GB per first-layer map)
-# ran 3-5x slower on a 2-core CPU than groups of up to 2,400 images (README, Results).  Episodes do not
-# change (they are sampled in chunks as before), and no learner's prediction couples the tasks of a batch.
+# Images per forward at evaluation: the episodes of a sampled block go through the learner in groups of at
+# most this many images (and at most eval.chunk episodes).  A block of 50 20-way episodes at once (6,000
+# images, 1.2 GB per first-layer map) ran 3-5x slower on a 2-core CPU than groups of up to 2,400 images
+# (README, Results).  Neither bound changes the episodes (fixed_episodes draws them in blocks of its own),
+# and no learner's prediction couples the tasks of a batch, so neither changes a result.
 EVAL_IMAGES_PER_FORWARD = 2048
 
 
 def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int,
              chunk: int, runtime: Runtime) -> dict[str, float]:
-    """Accuracy of ``algo`` on ``n_episodes`` episodes fixed by ``seed``; restores train mode."""
+    """Accuracy of ``algo`` on ``n_episodes`` episodes fixed by ``seed``, evaluated at most ``chunk`` at a
+    time (speed and memory only); restores train mode."""
     was_training = algo.training
     algo.eval()
     accs = []
     try:
         with torch.no_grad():
-            for chunk_eps in fixed_episodes(split, n_way, n_shot, n_query, n_episodes, seed, chunk):
-                chunk_eps = chunk_eps.to(runtime.device)  # one copy per chunk; the groups are views of it
-                per_task = chunk_eps.support_y.shape[1] + chunk_eps.query_y.shape[1]
-                step = max(1, EVAL_IMAGES_PER_FORWARD // per_task)
-                for start in range(0, chunk_eps.n_tasks, step):
-                    eps = chunk_eps.tasks(start, start + step)
+            for block in fixed_episodes(split, n_way, n_shot, n_query, n_episodes, seed):
+                block = block.to(runtime.device)  # one copy per block; the groups are views of it
+                per_task = block.support_y.shape[1] + block.query_y.shape[1]
+                step = max(1, min(chunk, EVAL_IMAGES_PER_FORWARD // per_task))
+                for start in range(0, block.n_tasks, step):
+                    eps = block.tasks(start, start + step)
                     with runtime.autocast():
                         logits = algo.predict(eps)
                     accs.append((logits.argmax(-1) == eps.query_y).float().mean(-1).cpu())
