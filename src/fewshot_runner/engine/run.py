@@ -947,7 +947,7 @@ def _built_from(path: str | Path, state: dict):
 
     try:
         yield
-    except (InstantiationException, TypeError) as e:
+    except InstantiationException as e:  # Hydra's wrapper of the target's own error (a TypeError here)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "unexpected keyword" in ln or "missing" in ln), lines[-1] if lines else "")
         raise CheckpointError(f"checkpoint {path} holds settings this fewshot ({__version__}) cannot build "
