@@ -166,6 +166,8 @@ CASES = {
     "eval of a corrupt checkpoint": (["eval", "checkpoint={w}/bad/truncated.pt", "device=cpu"], ["is corrupt"]),
     "eval of a checkpoint with pickled code": (["eval", "checkpoint={w}/bad/pickled_code.pt", "device=cpu"],
                                                ["refused for safety"]),
+    "eval into a training run's folder": (["eval", f"checkpoint={LAST}", "device=cpu", "hydra.run.dir={w}/run"],
+                                          ["already holds a run (results.json)", "new hydra.run.dir"]),
     "eval of a checkpoint with an option this version lacks": (
         ["eval", "checkpoint={w}/bad/unknown_algo_option.pt", "device=cpu"],
         ["unexpected keyword argument 'support_resplits'", "the version (commit) that wrote it"]),

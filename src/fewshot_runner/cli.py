@@ -201,6 +201,7 @@ def check_start(command: str, jobs: list) -> None:
     try:
         from fewshot_runner.engine.checkpoint import check_targets, load_checkpoint
         from fewshot_runner.engine.device import resolve_runtime
+        from fewshot_runner.engine.run import check_eval_run_dir
         from fewshot_runner.engine.run import check_start as check_train_start
 
         for cfg, run_dir in todo:
@@ -209,6 +210,8 @@ def check_start(command: str, jobs: list) -> None:
             else:
                 resolve_runtime(cfg.device)
                 if command == "eval":
+                    if run_dir is not None:  # before Hydra writes its .hydra/ and cli.log there
+                        check_eval_run_dir(run_dir)
                     check_targets(load_checkpoint(cfg.checkpoint), cfg.checkpoint)
     except UserError as e:
         fail(str(e), getattr(e, "exit_code", 2))

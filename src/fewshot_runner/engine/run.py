@@ -540,10 +540,10 @@ def _check_same_run(saved: dict, cfg: DictConfig, path: Path) -> None:
                               f"schedule carry on; resume with {then}"
                               + (" (a cosine schedule is fixed to its steps; to train longer, start a new run "
                                  "from scratch, or use train.lr_schedule=step)" if "steps" in changed else ""))
-    if float(was.get("ema_decay") or 0.0) != float(cur.get("ema_decay") or 0.0):
-        raise CheckpointError(f"checkpoint {path} was trained with train.ema_decay={was.get('ema_decay') or 0.0}, "
-                              f"which its weight average carries on; resume with "
-                              f"train.ema_decay={was.get('ema_decay') or 0.0}")
+    ema_then = float(was.get("ema_decay") or 0.0)  # checkpoints from before the key: no average
+    if ema_then != float(cur.get("ema_decay") or 0.0):
+        raise CheckpointError(f"checkpoint {path} was trained with train.ema_decay={ema_then}, which its weight "
+                              f"average carries on; resume with train.ema_decay={ema_then}")
     if saved["data"].get("n_way") != now["data"].get("n_way") and "MAML" in str(now["algo"].get("_target_")):
         raise CheckpointError(f"checkpoint {path} has a {saved['data'].get('n_way')}-way head; resume with "
                               f"data.n_way={saved['data'].get('n_way')}")
@@ -664,6 +664,15 @@ def _say(msg: str, err: bool = False) -> None:
         console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
+def _make_logger(logger_cfg: DictConfig, run_dir: Path, truncate_after_step: int):
+    """The run's loggers from the ``logger`` group (train and eval alike)."""
+    from fewshot_runner.loggers import make_logger
+
+    return make_logger(logger_cfg.kind, run_dir, project_name=logger_cfg.get("project_name"),
+                       workspace=logger_cfg.get("workspace"), experiment_name=logger_cfg.get("experiment_name"),
+                       tags=list(logger_cfg.get("tags") or []), truncate_after_step=truncate_after_step)
+
+
 def _close(logger) -> list[str]:
     try:
         return logger.close()
@@ -694,7 +703,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[str, Any]:
-    from fewshot_runner.loggers import make_logger
     from fewshot_runner.plots import save_curves
 
     t_start = time.time()
@@ -748,9 +756,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
     ckpt.atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     # a fresh run cuts metrics.jsonl to nothing, a resumed one back to its checkpoint's step
-    logger = make_logger(cfg.logger.kind, run_dir, project_name=cfg.logger.get("project_name"),
-                         workspace=cfg.logger.get("workspace"), experiment_name=cfg.logger.get("experiment_name"),
-                         tags=list(cfg.logger.get("tags") or []), truncate_after_step=start_step)
+    logger = _make_logger(cfg.logger, run_dir, truncate_after_step=start_step)
 
     def snapshot(step: int) -> dict[str, Any]:
         return {
@@ -939,6 +945,14 @@ def with_device(saved: DictConfig, device: DictConfig) -> DictConfig:
     return saved
 
 
+def check_eval_run_dir(run_dir: Path) -> None:
+    """`fewshot eval` writes results.json and a fresh metrics.jsonl: refuse a folder holding a run's."""
+    held = [f for f in ("results.json", "metrics.jsonl", "checkpoints/last.pt") if (Path(run_dir) / f).exists()]
+    if held:
+        raise UserError(f"{run_dir} already holds a run ({held[0]}); give `fewshot eval` a new hydra.run.dir "
+                        f"(its default is a fresh outputs/eval/<date>/<time>)")
+
+
 @contextmanager
 def _built_from(path: str | Path, state: dict):
     """Building a checkpoint's saved config: a setting this version's classes do not take (a checkpoint
@@ -947,11 +961,12 @@ def _built_from(path: str | Path, state: dict):
 
     try:
         yield
-    except InstantiationException as e:  # Hydra's wrapper of the target's own error (a TypeError here)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "unexpected keyword" in ln or "missing" in ln), lines[-1] if lines else "")
+    except InstantiationException as e:  # Hydra's wrapper of the target's own error
+        if not isinstance(e.__cause__, TypeError):  # not a signature mismatch: not this error
+            raise
+        why = str(e.__cause__).splitlines()[0][:160] if str(e.__cause__) else "TypeError"
         raise CheckpointError(f"checkpoint {path} holds settings this fewshot ({__version__}) cannot build "
-                              f"({why[:160]}); it was written by fewshot {state.get('package_version', '?')} "
+                              f"({why}); it was written by fewshot {state.get('package_version', '?')} "
                               f"with other options: evaluate it with the version (commit) that wrote it") from None
 
 
@@ -960,6 +975,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     state = ckpt.load_checkpoint(cfg.checkpoint)
     ckpt.check_targets(state, cfg.checkpoint)  # its config is instantiated below
     run_dir = _run_dir(run_dir)
+    check_eval_run_dir(run_dir)
     saved = with_device(OmegaConf.create(state["config"]), cfg.device)
     for k in ("n_way", "n_shot", "n_query", "root"):
         v = cfg.data.get(k)
@@ -1007,11 +1023,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
 def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any]) -> list[str]:
     """``logger=`` for ``fewshot eval`` (default none: metrics.jsonl only): the eval settings and the
     checkpoint's training config as parameters, the results as metrics at the checkpoint's step."""
-    from fewshot_runner.loggers import make_logger
-
-    logger = make_logger(cfg.logger.kind, run_dir, project_name=cfg.logger.get("project_name"),
-                         workspace=cfg.logger.get("workspace"), experiment_name=cfg.logger.get("experiment_name"),
-                         tags=list(cfg.logger.get("tags") or []), truncate_after_step=0)
+    logger = _make_logger(cfg.logger, run_dir, truncate_after_step=0)  # a fresh run dir (evaluate_checkpoint)
     try:
         logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
                            "trained": OmegaConf.to_container(saved, resolve=True)})
