@@ -800,15 +800,6 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
                 if runtime.device.type == "cuda":  # page-locked, so the copy below is asynchronous
                     episodes = episodes.pin_memory()
                 episodes = episodes.to(runtime.device, non_blocking=True)
-                _rz = os.environ.get("FEWSHOT_RESIZE")
-                if _rz:
-                    _size, _until = map(int, _rz.split(":"))
-                    if step < _until:
-                        def _r(x):
-                            sh = x.shape
-                            y = torch.nn.functional.interpolate(x.flatten(0, 1), size=(_size, _size), mode="bilinear", antialias=True, align_corners=False)
-                            return y.view(*sh[:2], *y.shape[1:])
-                        episodes = Episode(_r(episodes.support_x), episodes.support_y, _r(episodes.query_x), episodes.query_y, episodes.n_way)
                 if faults.poison(step + 1):
                     episodes = _poisoned(episodes)
                 buffers = [b.detach().clone() for b in algo.buffers()] if skip_nan else []
