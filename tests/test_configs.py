@@ -69,23 +69,41 @@ def test_published_defaults(compose_cfg):
     assert "api_key" not in str(logger.logger).lower()
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_precision_auto_is_bf16_only_on_a_cpu_with_amx(compose_cfg, monkeypatch, amx):
+@pytest.mark.parametrize("amx, avx512_bf16, ratio, expected", [
+    (True, True, 0.5, "bf16"),  # AMX: bf16 without a probe
+    (False, False, 9.0, "fp32"),  # no bf16 instructions: never bf16, whatever a probe would say
+    (False, True, 1.39, "bf16"),  # AVX-512-BF16 without AMX: the probe decides (an AMD Zen 4)
+    (False, True, 0.71, "fp32"),  # (an Intel Xeon)
+])
+def test_precision_auto_is_bf16_only_where_the_cpu_runs_it_faster(compose_cfg, monkeypatch, amx, avx512_bf16, ratio,
+                                                                  expected):
     import fewshot_runner.engine.device as device_mod
 
     monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(device_mod, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+    monkeypatch.setattr(device_mod, "bf16_conv_speedup", lambda: ratio)
     rt = resolve_runtime(compose_cfg(["data=synthetic", "device=cpu", "device.precision=auto"]).device)
-    assert rt.autocast_dtype == (torch.bfloat16 if amx else None)
+    assert rt.precision == expected
+    assert rt.autocast_dtype == (torch.bfloat16 if expected == "bf16" else None)
+    assert rt.precision_note.startswith(expected)
     fixed = resolve_runtime(compose_cfg(["data=synthetic", "device=cpu", "device.precision=fp32"]).device)
-    assert fixed.autocast_dtype is None  # the default stays exact whatever the CPU
+    assert fixed.autocast_dtype is None and fixed.precision_note == ""  # the default stays exact whatever the CPU
+
+
+def test_bf16_conv_probe_times_both_precisions():
+    from fewshot_runner.engine.device import bf16_conv_speedup
+
+    ratio = bf16_conv_speedup.__wrapped__(reps=1)  # uncached: the real convolutions, once each
+    assert 0.01 < ratio < 100
 
 
 def test_cpu_has_amx_agrees_with_the_cpu_flags():
-    from fewshot_runner.engine.device import cpu_has_amx
+    from fewshot_runner.engine.device import cpu_has_amx, cpu_has_avx512_bf16
 
     info = Path("/proc/cpuinfo")
     if info.exists():
         assert cpu_has_amx() == (" amx_tile" in info.read_text())
+        assert cpu_has_avx512_bf16() == (" avx512_bf16" in info.read_text())
 
 
 @pytest.mark.parametrize("value,expected", [("auto", True), ("on", True), ("true", True), ("off", False),

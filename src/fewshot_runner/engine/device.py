@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,11 @@ class Runtime:
     task_threads: int = 1  # worker threads over the tasks of a meta-batch (CPU, see run.task_threads_for)
     cuda_graphs: bool = False  # the training step's forward + backward as one CUDA graph (engine/graphs.py)
     memory_cap_mb: float | None = None  # chunk meta-batches to stay under it (engine/memory.py)
+    precision_note: str = ""  # how device.precision=auto chose, for the run's log and results.json
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
 
     def autocast(self, cache_enabled: bool = True):
         if self.autocast_dtype is None:
@@ -37,14 +44,14 @@ def resolve_runtime(cfg) -> Runtime:
         raise UserError(f"device.type={cfg.type!r} is not one of auto, cpu, cuda")
     if cfg.precision not in ("fp32", "bf16", "auto"):
         raise UserError(f"device.precision={cfg.precision!r} is not one of fp32, bf16, auto")
-    precision = cfg.precision
-    if precision == "auto":  # bf16 only where it was measured faster: a CPU with AMX (docs/speed.md)
-        precision = "bf16" if kind == "cpu" and cpu_has_amx() else "fp32"
     channels_last = _switch(cfg.get("channels_last", "off"), "device.channels_last")
     if channels_last == "auto":  # measured on CPU (docs/speed.md); unmeasured on GPUs, so off there
         channels_last = "on" if kind == "cpu" else "off"
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    precision, note = cfg.precision, ""
+    if precision == "auto":  # bf16 only where it is faster: measured, not assumed (docs/speed.md)
+        precision, note = auto_precision(kind)
     if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -60,7 +67,62 @@ def resolve_runtime(cfg) -> Runtime:
 
         cap = parse_cap(cap)
     return Runtime(torch.device(kind), torch.bfloat16 if precision == "bf16" else None, channels_last == "on",
-                   bool(cfg.compile), task_threads, graphs == "on", cap)
+                   bool(cfg.compile), task_threads, graphs == "on", cap, note)
+
+
+# bf16 is chosen where its convolutions beat fp32 by this much: the probe's conv is ~70 % of a
+# ProtoNet step, and bf16 adds casts around it, so a smaller edge would not survive the step.
+BF16_MIN_SPEEDUP = 1.2
+
+
+def auto_precision(kind: str) -> tuple[str, str]:
+    """``device.precision=auto``: bf16 on a CPU with AMX (measured 1.9x on ProtoNet's step); on one with
+    AVX-512-BF16 but no AMX the two measured on opposite sides (an Intel Xeon 0.71x, an AMD EPYC Zen 4
+    1.39x), so there a short probe decides; fp32 everywhere else (bf16 is emulated there) and on GPUs
+    (unmeasured)."""
+    if kind != "cpu":
+        return "fp32", ""
+    if cpu_has_amx():
+        return "bf16", "bf16: the CPU has AMX"
+    if not cpu_has_avx512_bf16():
+        return "fp32", "fp32: the CPU has no bf16 instructions"
+    ratio = bf16_conv_speedup()
+    choice = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
+    return choice, f"{choice}: bf16 convolutions measured {ratio:.2f}x fp32 here (bf16 from {BF16_MIN_SPEEDUP}x)"
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                return " avx512_bf16" in f.read()
+        except OSError:
+            return False
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_conv_speedup(reps: int = 7) -> float:
+    """fp32 time / bf16-autocast time of a Conv4 layer's forward + backward (64 -> 64 channels, 3x3,
+    128 images of 14x14, channels-last), the median of ``reps`` after two warm-ups each; ~0.5 s, once
+    per process."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 64, 14, 14, generator=gen).to(memory_format=torch.channels_last).requires_grad_()
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+
+    def timed(dtype: torch.dtype | None) -> float:
+        times = []
+        for i in range(reps + 2):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                y = conv(x)
+            y.float().sum().backward()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    return timed(None) / timed(torch.bfloat16)
 
 
 def cpu_has_amx() -> bool:

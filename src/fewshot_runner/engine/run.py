@@ -715,6 +715,8 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
 
     state, resume_path = check_start(cfg, run_dir)
     runtime = resolve_runtime(cfg.device)
+    if runtime.precision_note:
+        _say(f"device.precision=auto: {runtime.precision_note}")
 
     dataset = build_dataset(cfg.data)
     tr, ev = episode_shapes(cfg.data)
@@ -898,7 +900,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
             "train/split": train_on, "best_step": best_step, "steps": step,
             "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": wall,
             "checkpoint": str(best_path if best_path.exists() else ckpt_dir / "last.pt"),
-            "package_version": __version__,
+            "precision": runtime.precision, "package_version": __version__,
         }
         logger.log_metrics({"test/acc": test["acc"], "test/ci95": test["ci95"]}, step)
         curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
@@ -989,6 +991,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                                   f"has no {k}; leave it out")
             OmegaConf.update(saved, f"algo.{k}", v)
     runtime = resolve_runtime(cfg.device)
+    if runtime.precision_note:
+        _say(f"device.precision=auto: {runtime.precision_note}")
     with _built_from(cfg.checkpoint, state):
         dataset = build_dataset(saved.data)
     tr, ev = episode_shapes(saved.data)
@@ -1008,7 +1012,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     results = {"test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
                "test/split": cfg.eval.split, "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
                **{f"algo/{k}": saved.algo[k] for k in ("eval_inner_steps", "inner_lr") if k in saved.algo},
-               "checkpoint": str(cfg.checkpoint), "step": int(state["step"])}
+               "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision}
     _write_json(run_dir / "results.json", results)
     messages = _log_eval(cfg, run_dir, saved, results)
     console.print(results_table(
