@@ -664,6 +664,14 @@ def _say(msg: str, err: bool = False) -> None:
         console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
+def _run_runtime(device_cfg: DictConfig) -> Runtime:
+    """The runtime of a train or eval run, saying what ``device.precision=auto`` chose."""
+    runtime = resolve_runtime(device_cfg)
+    if runtime.precision_note:
+        _say(f"device.precision=auto: {runtime.precision_note}")
+    return runtime
+
+
 def _make_logger(logger_cfg: DictConfig, run_dir: Path, truncate_after_step: int):
     """The run's loggers from the ``logger`` group (train and eval alike)."""
     from fewshot_runner.loggers import make_logger
@@ -714,9 +722,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
         return json.loads(results_path.read_text())
 
     state, resume_path = check_start(cfg, run_dir)
-    runtime = resolve_runtime(cfg.device)
-    if runtime.precision_note:
-        _say(f"device.precision=auto: {runtime.precision_note}")
+    runtime = _run_runtime(cfg.device)
 
     dataset = build_dataset(cfg.data)
     tr, ev = episode_shapes(cfg.data)
@@ -990,9 +996,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                 raise UserError(f"algo.{k}={v}: the checkpoint's learner ({saved.algo._target_.rsplit('.', 1)[-1]}) "
                                   f"has no {k}; leave it out")
             OmegaConf.update(saved, f"algo.{k}", v)
-    runtime = resolve_runtime(cfg.device)
-    if runtime.precision_note:
-        _say(f"device.precision=auto: {runtime.precision_note}")
+    runtime = _run_runtime(cfg.device)
     with _built_from(cfg.checkpoint, state):
         dataset = build_dataset(saved.data)
     tr, ev = episode_shapes(saved.data)
