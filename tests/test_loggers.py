@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from fewshot_runner import loggers as L
+from fewshot_runner.loggers import comet as comet_logger
+from fewshot_runner.loggers import comet_connect
 from fewshot_runner.loggers import CometLogger, JSONLLogger, MultiLogger, flatten, make_logger
 from fewshot_runner.plots import save_curves, save_sweep_summary_plot
 
@@ -48,8 +50,8 @@ def _log_some(lg, png: Path | None = None) -> None:
 @pytest.fixture(autouse=True)
 def _fast_comet(monkeypatch):
     """Comet's system-metrics thread costs ~1 s to join at end(); not what these tests check."""
-    monkeypatch.setitem(L._COMET_KWARGS, "log_env_cpu", False)
-    monkeypatch.setitem(L._COMET_KWARGS, "log_env_gpu", False)
+    monkeypatch.setitem(comet_logger.COMET_KWARGS, "log_env_cpu", False)
+    monkeypatch.setitem(comet_logger.COMET_KWARGS, "log_env_gpu", False)
     # comet_ml's console handler keeps the sys.stderr of the test that first imported it (a
     # pytest capture that is closed by now); point it at this test's stream
     import logging
@@ -173,7 +175,7 @@ def test_auto_fake_key_no_network_falls_back(tmp_path, fake_key, capsys):
 def test_fake_key_alive_false_falls_back(tmp_path, fake_key, monkeypatch, capsys):
     """Skip the probe: comet's own Experiment comes up with alive=False; the bounded
     retries make that take ~0 s instead of ~30 s when DNS fails."""
-    monkeypatch.setattr(L, "_probe_backend", lambda comet_ml: None)
+    monkeypatch.setattr(comet_logger, "probe_backend", lambda comet_ml: None)
     lg = make_logger("comet", tmp_path)
     assert lg.loggers[1].mode == "offline"
     _log_some(lg)
@@ -184,7 +186,7 @@ def test_fake_key_alive_false_falls_back(tmp_path, fake_key, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err and FAKE_KEY not in err
     # the retry settings were lowered only while creating the experiment
-    assert all(k not in os.environ for k in L._CONNECT_RETRY_ENV)
+    assert all(k not in os.environ for k in comet_connect._CONNECT_RETRY_ENV)
 
 
 class _FlakyOnline:
@@ -222,7 +224,7 @@ class _FlakyOnline:
 def test_online_dies_mid_run_switches_to_offline(tmp_path, fake_key, monkeypatch):
     import comet_ml
 
-    monkeypatch.setattr(L, "_probe_backend", lambda comet_ml: None)
+    monkeypatch.setattr(comet_logger, "probe_backend", lambda comet_ml: None)
     monkeypatch.setattr(comet_ml, "Experiment", _FlakyOnline)
     notes = []
     lg = CometLogger("online", tmp_path, notify=notes.append)
@@ -300,7 +302,8 @@ def test_save_sweep_summary_plot(tmp_path):
 def test_fewshot_eval_logs_its_result_to_comet_offline(compose_cfg, tmp_path, no_key):
     """`fewshot eval ... logger=comet_offline`: the result at the checkpoint's step, the eval settings
     and the checkpoint's training config go into the archive, whose upload command is printed."""
-    from fewshot_runner.engine.run import evaluate_checkpoint, train
+    from fewshot_runner.engine.eval_checkpoint import evaluate_checkpoint
+    from fewshot_runner.engine.run import train
 
     train(compose_cfg(["debug=smoke", "algo=protonet", "backbone.hidden=8"]), run_dir=tmp_path / "run")
     cfg = compose_cfg([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "device=cpu",
