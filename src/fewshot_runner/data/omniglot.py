@@ -25,25 +25,34 @@ the first of: the ``cache_dir`` argument, ``$FEWSHOT_CACHE``, ``<root>/.fewshot_
 the root is writable, ``~/.cache/fewshot``. Outside the root its name carries a hash of the
 root path, so two roots never share a file.
 
+What is Omniglot's alone is here: the two image sets and their layouts, the PNG decoding, the
+cache key, the split schemes. The machinery every data set shares lives beside it: ``root``
+(where the data is), ``archive`` (zip members read in place, unsafe names refused), ``decode``
+(the forked decoding pool with its progress bar), ``cache`` (the decoded-tensor cache) and
+``class_splits`` (split files, rotations as new classes); ``docs/adding_a_dataset.md`` walks
+through them.
+
 This module imports neither torch nor torchvision at import time (torchvision is needed only
 for ``download=True``; torch is imported by the functions that use it).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import io
 import os
 import re
-import stat
-import sys
-import tempfile
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from fewshot_runner.data import cache as _cache
+from fewshot_runner.data.archive import Source, tree_files, zip_file_members
+from fewshot_runner.data.class_splits import (ROTATIONS, SPLIT_NAMES, build_class_splits, load_split_files,
+                                              packaged_split_dir, parse_rotation, rotate_classes)
+from fewshot_runner.data.decode import decode_files
+from fewshot_runner.data.root import one_line as _one_line
+from fewshot_runner.data.root import resolve_root as _resolve_root
 from fewshot_runner.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,16 +61,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from fewshot_runner.data.base import ClassSplit, EpisodicDataset
 
+NAME = "omniglot"
 IMAGE_SETS = ("images_background", "images_evaluation")
-SPLIT_NAMES = ("train", "val", "test", "trainval")
 CACHE_VERSION = 1
+CACHE_FORMAT = "fewshot_runner.omniglot"
 _CLASS_RE = re.compile(r"^([^/\\]+)/([^/\\]+)/rot(000|090|180|270)$")
 _CHUNK = 400  # images per decoding job
 _POOL_MIN_IMAGES = 2000  # below this a process pool costs more than it saves
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+_ROTATIONS = ROTATIONS
 
 
 # ----------------------------------------------------------------------------- split files
@@ -71,7 +78,6 @@ def _one_line(text: object) -> str:
 MAML_SPLIT = {"train": 1100, "val": 100}  # the rest (423) is test
 MAML_SPLIT_SEED = 1
 GENERATED_SCHEMES = ("maml",)
-_ROTATIONS = ("rot000", "rot090", "rot180", "rot270")
 
 
 def random_character_split(char_names: list[str], n_train: int = MAML_SPLIT["train"], n_val: int = MAML_SPLIT["val"],
@@ -88,7 +94,7 @@ def random_character_split(char_names: list[str], n_train: int = MAML_SPLIT["tra
                         f"use the full Omniglot (images_background + images_evaluation) or data.split_scheme=vinyals")
     random.Random(seed).shuffle(chars)
     parts = {"train": chars[:n_train], "val": chars[n_train:n_train + n_val], "test": chars[n_train + n_val:]}
-    out = {k: [f"{c}/{r}" for c in sorted(v) for r in _ROTATIONS] for k, v in parts.items()}
+    out = {k: [f"{c}/{r}" for c in sorted(v) for r in ROTATIONS] for k, v in parts.items()}
     out["trainval"] = out["train"] + out["val"]
     return out
 
@@ -99,52 +105,21 @@ def load_split_names(scheme: str = "vinyals", split_dir: str | os.PathLike | Non
     Without ``split_dir`` the files shipped in the package (``fewshot_runner/data/splits/<scheme>``)
     are used. Each line is ``Alphabet/characterNN/rotDDD``; ``trainval`` is optional.
     """
-    if split_dir is None:
-        from importlib import resources
-
-        splits_root = resources.files("fewshot_runner.data").joinpath("splits")
-        base = splits_root.joinpath(scheme)
-        if not base.is_dir():
-            known = sorted(p.name for p in splits_root.iterdir() if p.is_dir()) if splits_root.is_dir() else []
-            known = sorted(set(known) | set(GENERATED_SCHEMES))
-            raise DataError(f"unknown Omniglot split scheme {scheme!r}: use data.split_scheme={' or '.join(known)}")
-    else:
-        base = Path(split_dir)
-    out: dict[str, list[str]] = {}
-    for split in SPLIT_NAMES:
-        f = base.joinpath(f"{split}.txt")
-        if not f.is_file():
-            if split == "trainval":
-                continue
-            raise DataError(f"split file {f} is missing: reinstall fewshot_runner (its package data must include splits/*/*.txt)")
-        names = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        for i, name in enumerate(names):
-            if not _CLASS_RE.match(name):
-                raise DataError(f"line {i + 1} of split file {f} is {name!r}, not Alphabet/characterNN/rotDDD: fix or restore that file")
-        if len(set(names)) != len(names):
-            raise DataError(f"split file {f} lists a class twice: fix or restore that file")
-        out[split] = names
-    return out
+    base = packaged_split_dir(scheme, "Omniglot", GENERATED_SCHEMES) if split_dir is None else Path(split_dir)
+    return load_split_files(base, _CLASS_RE, "Alphabet/characterNN/rotDDD")
 
 
 # ----------------------------------------------------------------------------- locating the data
 def resolve_root(root: str | os.PathLike | None) -> Path:
     """``root`` (``~`` expanded), else ``$FEWSHOT_DATA/omniglot``, else ``~/.cache/fewshot/omniglot``."""
-    if root not in (None, ""):
-        return Path(os.path.expanduser(os.fspath(root))).absolute()
-    env = os.environ.get("FEWSHOT_DATA")
-    if env:
-        return (Path(os.path.expanduser(env)) / "omniglot").absolute()
-    return Path.home() / ".cache" / "fewshot" / "omniglot"
+    return _resolve_root(NAME, root)
 
 
 @dataclass(frozen=True)
-class _Source:
+class _Source(Source):
     """One image set: a folder ``<...>/images_background`` or a zip holding that folder."""
 
-    set_name: str
-    kind: str  # "dir" or "zip"
-    path: str
+    set_name: str = ""
 
 
 def find_sources(root: Path) -> dict[str, _Source]:
@@ -155,46 +130,24 @@ def find_sources(root: Path) -> dict[str, _Source]:
                       ("zip", root / f"{set_name}.zip"), ("zip", root / "omniglot-py" / f"{set_name}.zip")]
         for kind, path in candidates:
             if (path.is_dir() if kind == "dir" else path.is_file()):
-                found[set_name] = _Source(set_name, kind, str(path))
+                found[set_name] = _Source(kind, str(path), set_name)
                 break
     return found
-
-
-def _unsafe_member(name: str) -> bool:
-    """A zip member name that is absolute or climbs out with ``..``."""
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return True
-    return any(part == ".." for part in re.split(r"[/\\]", name))
 
 
 def _list_source(src: _Source) -> dict[str, list[str]]:
     """``"Alphabet/characterNN"`` -> sorted member paths (zip names, or paths relative to the folder)."""
     chars: dict[str, list[str]] = {}
     if src.kind == "zip":
-        try:
-            with zipfile.ZipFile(src.path) as zf:
-                infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            raise DataError(f"{src.path} is not a readable zip file ({_one_line(e)}): delete it and download it again") from None
-        for info in infos:
-            name = info.filename
-            if _unsafe_member(name):
-                raise DataError(f"{src.path} holds an unsafe member name {name!r} (absolute or with '..'); "
-                                f"refusing it: replace the zip with the official one")
+        for name in zip_file_members(src.path):  # refuses unsafe member names
             parts = name.split("/")
-            if info.is_dir() or len(parts) != 4 or parts[0] != src.set_name or not parts[3].lower().endswith(".png"):
+            if len(parts) != 4 or parts[0] != src.set_name or not parts[3].lower().endswith(".png"):
                 continue
             chars.setdefault(f"{parts[1]}/{parts[2]}", []).append(name)
     else:
-        base = Path(src.path)
-        try:
-            for alphabet in sorted(p for p in base.iterdir() if p.is_dir()):
-                for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
-                    pngs = sorted(f.name for f in char.iterdir() if f.name.lower().endswith(".png") and f.is_file())
-                    if pngs:
-                        chars[f"{alphabet.name}/{char.name}"] = [f"{alphabet.name}/{char.name}/{f}" for f in pngs]
-        except OSError as e:
-            raise DataError(f"cannot read the Omniglot folder {base} ({_one_line(e)}): check its permissions") from None
+        for rel in tree_files(src.path, depth=3, what="Omniglot"):
+            if rel.lower().endswith(".png"):
+                chars.setdefault(rel.rsplit("/", 1)[0], []).append(rel)
     for members in chars.values():
         members.sort()
     return chars
@@ -208,6 +161,14 @@ class _Listing:
     where: dict[str, tuple[_Source, list[str]]]
     per_class: int
     file_count: int
+
+    def files(self) -> list[tuple[_Source, str]]:
+        """(source, member) of every image, character by character in ``names`` order."""
+        out: list[tuple[_Source, str]] = []
+        for key in self.names:
+            src, members = self.where[key]
+            out += [(src, m) for m in members]
+        return out
 
 
 def list_characters(root: Path, sources: dict[str, _Source]) -> _Listing:
@@ -233,24 +194,6 @@ def list_characters(root: Path, sources: dict[str, _Source]) -> _Listing:
 
 
 # ----------------------------------------------------------------------------- decoding
-_OPEN_ZIPS: dict[str, zipfile.ZipFile] = {}
-
-
-def _read_member(kind: str, path: str, member: str) -> bytes:
-    if kind == "zip":
-        zf = _OPEN_ZIPS.get(path)
-        if zf is None:
-            zf = _OPEN_ZIPS[path] = zipfile.ZipFile(path)
-        return zf.read(member)
-    with open(os.path.join(path, *member.split("/")), "rb") as f:
-        return f.read()
-
-
-def _close_zips() -> None:
-    while _OPEN_ZIPS:
-        _OPEN_ZIPS.popitem()[1].close()
-
-
 def decode_image(data: bytes, image_size: int) -> "np.ndarray":
     """PNG bytes -> (image_size, image_size) uint8, strokes bright on a 0 background."""
     import numpy as np
@@ -263,203 +206,45 @@ def decode_image(data: bytes, image_size: int) -> "np.ndarray":
     return 255 - np.asarray(gray, dtype=np.uint8)
 
 
-def _decode_job(job: tuple[str, str, list[str], int]) -> tuple["np.ndarray | None", str | None]:
-    """Decode one chunk of members; returns (images, None) or (None, one-line error)."""
-    import numpy as np
-
-    kind, path, members, image_size = job
-    out = np.empty((len(members), image_size, image_size), dtype=np.uint8)
-    for i, member in enumerate(members):
-        try:
-            out[i] = decode_image(_read_member(kind, path, member), image_size)
-        except Exception as e:  # noqa: BLE001 - reported to the parent as a DataError
-            where = f"{path}:{member}" if kind == "zip" else os.path.join(path, member)
-            return None, f"{where} ({type(e).__name__}: {_one_line(e)})"
-    return out, None
-
-
-def _default_workers() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
-
-
-def _start_pool(jobs: list, workers: int):
-    """A fork-based process pool with every job submitted, or (None, None) if none can be had."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about forking a threaded process; the workers touch no lock of those threads
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            futures = {pool.submit(_decode_job, job): j for j, job in enumerate(jobs)}
-        return pool, futures
-    except (OSError, ValueError, RuntimeError) as e:
-        warnings.warn(f"Omniglot: no process pool ({type(e).__name__}: {_one_line(e)}); decoding in this process",
-                      stacklevel=4)
-        return None, None
-
-
 def decode_all(listing: _Listing, image_size: int, workers: int | None = None) -> "torch.Tensor":
     """All images of all characters -> uint8 (n_characters, per_class, image_size, image_size).
 
-    Shows a rich progress bar. On Linux with 2+ CPUs and enough images, decodes in a pool of
-    forked processes (about 1.8x faster on 2 idle cores); falls back to decoding here if the
-    pool fails. Fork, not spawn: spawned workers re-run an unguarded ``__main__`` script (a
-    plain script calling ``Omniglot()`` at top level would decode the data set three times);
-    the forked workers only run zipfile/PIL/numpy code, never torch, CUDA or the caller's threads.
+    ``data.decode.decode_files`` with Omniglot's PNG decoding: a rich progress bar, a pool of forked
+    processes on Linux with 2+ CPUs and enough images (about 1.8x faster on 2 idle cores), decoding
+    here if the pool fails.
     """
-    import numpy as np
     import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    jobs: list[tuple[str, str, list[str], int]] = []
-    offsets: list[int] = []
-    pending: list[str] = []
-    pending_src: _Source | None = None
-    done_items = 0
-
-    def flush() -> None:
-        nonlocal pending, done_items
-        if pending:
-            jobs.append((pending_src.kind, pending_src.path, pending, image_size))
-            offsets.append(done_items)
-            done_items += len(pending)
-            pending = []
-
-    for key in listing.names:
-        src, members = listing.where[key]
-        if pending_src is not None and src != pending_src:
-            flush()
-        pending_src = src
-        pending = pending + members
-        if len(pending) >= _CHUNK:
-            flush()
-    flush()
-
-    n = listing.file_count
-    flat = np.empty((n, image_size, image_size), dtype=np.uint8)
-    todo = set(range(len(jobs)))
-    workers = _default_workers() if workers is None else max(1, int(workers))
-
-    def store(j: int, result: tuple) -> None:
-        images, err = result
-        if err is not None:
-            raise DataError(f"cannot decode Omniglot image {err}: the data is corrupt, download it again")
-        flat[offsets[j]: offsets[j] + len(images)] = images
-        todo.discard(j)
-
-    _close_zips()  # no open zip (and its file offset) may be shared with forked workers
-    pool, futures = None, None
-    if workers > 1 and n >= _POOL_MIN_IMAGES and len(jobs) > 1 and sys.platform.startswith("linux"):
-        pool, futures = _start_pool(jobs, min(workers, len(jobs)))  # before the progress bar's thread starts
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=Console(stderr=True), transient=False, disable=n < 1000) as progress:
-            task = progress.add_task(f"Omniglot: decoding {n} images to {image_size}x{image_size}", total=n)
-            if futures is not None:
-                from concurrent.futures import as_completed
-                from concurrent.futures.process import BrokenProcessPool
-
-                try:
-                    for fut in as_completed(futures):
-                        j = futures[fut]
-                        store(j, fut.result())
-                        progress.advance(task, len(jobs[j][2]))
-                except (BrokenProcessPool, OSError, EOFError) as e:
-                    warnings.warn(f"Omniglot: parallel decoding failed ({type(e).__name__}: {_one_line(e)}); "
-                                  f"decoding the rest in this process", stacklevel=3)
-            for j in sorted(todo):
-                store(j, _decode_job(jobs[j]))
-                progress.advance(task, len(jobs[j][2]))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        _close_zips()
-    return torch.from_numpy(flat).view(len(listing.names), listing.per_class, image_size, image_size)
+    s = image_size
+    flat = decode_files(listing.files(), functools.partial(decode_image, image_size=s), (s, s), what="Omniglot",
+                        description=f"Omniglot: decoding {listing.file_count} images to {s}x{s}", workers=workers,
+                        chunk=_CHUNK, pool_min=_POOL_MIN_IMAGES)
+    return torch.from_numpy(flat).view(len(listing.names), listing.per_class, s, s)
 
 
 # ----------------------------------------------------------------------------- cache
-def _root_writable(root: Path) -> bool:
-    """Writable by its permission bits, not just by os.access (which says yes to root for r-x dirs)."""
-    try:
-        mode = root.stat().st_mode
-    except OSError:
-        return False
-    return os.access(root, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-
-
 def cache_path(root: Path, image_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the decoded tensor is cached (see the module docstring for the rules)."""
-    base = f"omniglot_{image_size}"
-    if cache_dir not in (None, ""):
-        folder = Path(os.path.expanduser(os.fspath(cache_dir)))
-    elif os.environ.get("FEWSHOT_CACHE"):
-        folder = Path(os.path.expanduser(os.environ["FEWSHOT_CACHE"]))
-    elif _root_writable(root):
-        return root / ".fewshot_cache" / f"{base}.pt"
-    else:
-        folder = Path.home() / ".cache" / "fewshot"
-    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return folder / f"{base}_{tag}.pt"
+    return _cache.cache_path(root, f"omniglot_{image_size}", cache_dir)
 
 
 def _cache_key(listing: _Listing, image_size: int) -> dict:
-    return {"format": "fewshot_runner.omniglot", "version": CACHE_VERSION, "image_size": image_size,
-            "file_count": listing.file_count, "per_class": listing.per_class}
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "image_size": image_size,
+            "file_count": listing.file_count, "per_class": listing.per_class, "names": list(listing.names)}
 
 
 def load_cache(path: Path, listing: _Listing, image_size: int) -> "torch.Tensor | None":
     """The cached images if ``path`` holds a valid, current cache; None otherwise (warns if corrupt)."""
     import torch
 
-    if not path.is_file():
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, dict) or obj.get("format") != "fewshot_runner.omniglot":
-            raise ValueError("not an Omniglot cache")
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
-        warnings.warn(f"Omniglot cache {path} is corrupt ({type(e).__name__}: {_one_line(e)[:200]}); rebuilding it",
-                      stacklevel=3)
-        return None
-    if any(obj.get(k) != v for k, v in _cache_key(listing, image_size).items()) or obj.get("names") != listing.names:
-        return None  # stale: other data or other settings
-    images = obj.get("images")
     want = (len(listing.names), listing.per_class, image_size, image_size)
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != want:
-        warnings.warn(f"Omniglot cache {path} is corrupt (bad images tensor); rebuilding it", stacklevel=3)
-        return None
-    return images
+    obj = _cache.load_cache(path, _cache_key(listing, image_size), "Omniglot", {"images": (torch.uint8, want)})
+    return None if obj is None else obj["images"]
 
 
 def save_cache(path: Path, listing: _Listing, image_size: int, images: "torch.Tensor") -> bool:
     """Write the cache atomically (temp file + os.replace); warn and go on if that fails."""
-    import torch
-
-    obj = {**_cache_key(listing, image_size), "names": list(listing.names), "images": images.contiguous()}
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-        return True
-    except (OSError, RuntimeError) as e:
-        warnings.warn(f"could not write the Omniglot cache {path} ({_one_line(e)}); set $FEWSHOT_CACHE to a writable "
-                      f"folder to load faster next time", stacklevel=3)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        return False
+    return _cache.save_cache(path, {**_cache_key(listing, image_size), "images": images.contiguous()}, "Omniglot")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -468,38 +253,21 @@ def build_splits(images: "torch.Tensor", char_names: list[str], split_names: dic
     """ClassSplits of (character, rotation) classes from (n_chars, per, H, W) uint8 images."""
     import torch
 
-    from fewshot_runner.data.base import ClassSplit
-
     index = {name: i for i, name in enumerate(char_names)}
+    per_char = images.unsqueeze(2)  # (n_chars, per, 1, H, W)
 
     def class_images(split: str, names: list[str]) -> torch.Tensor:
-        chars = [n.rsplit("/", 1)[0] for n in names]
-        missing = [c for c in chars if c not in index]
+        parsed = [parse_rotation(n) for n in names]
+        missing = [c for c, _ in parsed if c not in index]
         if missing:
             raise DataError(f"the {split} split names {missing[0]} ({len(set(missing))} characters in all) but {where} has no "
                             f"such character: the data is incomplete, download it again")
-        idx = torch.tensor([index[c] for c in chars], dtype=torch.long)
-        rot = torch.tensor([int(n[-3:]) // 90 for n in names], dtype=torch.long)
-        out = torch.empty((len(names), images.shape[1], 1, *images.shape[2:]), dtype=torch.uint8)
-        for k in range(4):
-            sel = (rot == k).nonzero().squeeze(1)
-            if sel.numel():
-                out[sel, :, 0] = torch.rot90(images[idx[sel]], k, dims=(-2, -1))
-        return out
+        idx = torch.tensor([index[c] for c, _ in parsed], dtype=torch.long)
+        turns = torch.tensor([k for _, k in parsed], dtype=torch.long)
+        return rotate_classes(per_char, idx, turns)
 
     names = {s: [n for n in v if rotations or n.endswith("/rot000")] for s, v in split_names.items()}
-    splits: dict[str, ClassSplit] = {}
-    if "trainval" in names and names["trainval"] == names.get("train", []) + names.get("val", []):
-        # train and val are views into trainval: no second copy of 4,800 classes
-        tv = class_images("trainval", names["trainval"])
-        n_train = len(names["train"])
-        splits["train"] = ClassSplit.from_class_major("train", tv[:n_train], names["train"])
-        splits["val"] = ClassSplit.from_class_major("val", tv[n_train:], names["val"])
-        splits["trainval"] = ClassSplit.from_class_major("trainval", tv, names["trainval"])
-    for split, cls_names in names.items():
-        if split not in splits:
-            splits[split] = ClassSplit.from_class_major(split, class_images(split, cls_names), cls_names)
-    return {s: splits[s] for s in SPLIT_NAMES if s in splits}
+    return build_class_splits(names, class_images, SPLIT_NAMES)
 
 
 # ----------------------------------------------------------------------------- download

@@ -1,0 +1,154 @@
+"""Decoding many image files into one uint8 array, in forked processes, with a progress bar.
+
+Generic over the per-file decode function: ``decode(data: bytes) -> np.ndarray`` of a fixed
+shape, a module-level function or a ``functools.partial`` of one (it is sent to the workers).
+Each file is decoded independently into its own row, so the result does not depend on the
+number of workers or the chunking.
+
+Fork, not spawn: spawned workers re-run an unguarded ``__main__`` script (a plain script building
+a data set at top level would decode it once per worker); the forked workers only run zipfile /
+PIL / numpy code, never torch, CUDA or the caller's threads. The pool is started before the
+progress bar's thread. Where no pool can be had, or it breaks, the rest is decoded in this
+process, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from fewshot_runner.data.archive import Source, close_zips, read_member
+from fewshot_runner.data.root import one_line
+from fewshot_runner.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+CHUNK = 400  # files per decoding job
+POOL_MIN_FILES = 2000  # below this a process pool costs more than it saves
+
+Decode = Callable[[bytes], "np.ndarray"]
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def _decode_job(job: tuple[Source, list[str], Decode, tuple[int, ...]]) -> tuple["np.ndarray | None", str | None]:
+    """Decode one chunk of members; returns (images, None) or (None, one-line error naming the member)."""
+    import numpy as np
+
+    source, members, decode, item_shape = job
+    out = np.empty((len(members), *item_shape), dtype=np.uint8)
+    for i, member in enumerate(members):
+        try:
+            out[i] = decode(read_member(source, member))
+        except Exception as e:  # noqa: BLE001 - reported to the parent as a DataError
+            return None, f"{source.where(member)} ({type(e).__name__}: {one_line(e)})"
+    return out, None
+
+
+def _start_pool(jobs: list, workers: int, what: str):
+    """A fork-based process pool with every job submitted, or (None, None) if none can be had."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about forking a threaded process; the workers touch no lock of those threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            futures = {pool.submit(_decode_job, job): j for j, job in enumerate(jobs)}
+        return pool, futures
+    except (OSError, ValueError, RuntimeError) as e:
+        warnings.warn(f"{what}: no process pool ({type(e).__name__}: {one_line(e)}); decoding in this process",
+                      stacklevel=5)
+        return None, None
+
+
+def make_jobs(files: Sequence[tuple[Source, str]], chunk: int) -> tuple[list[list[str]], list[Source], list[int]]:
+    """Cut ``files`` into runs of at most ``chunk`` members of one source: (members, source, first row) per job."""
+    members: list[list[str]] = []
+    sources: list[Source] = []
+    offsets: list[int] = []
+    for row, (source, member) in enumerate(files):
+        if not sources or sources[-1] != source or len(members[-1]) >= chunk:
+            members.append([])
+            sources.append(source)
+            offsets.append(row)
+        members[-1].append(member)
+    return members, sources, offsets
+
+
+def decode_files(files: Sequence[tuple[Source, str]], decode: Decode, item_shape: tuple[int, ...], *,
+                 what: str, description: str | None = None, workers: int | None = None, out: "np.ndarray | None" = None,
+                 chunk: int = CHUNK, pool_min: int = POOL_MIN_FILES) -> "np.ndarray":
+    """Decode every ``(source, member)`` of ``files`` into row i of a uint8 (len(files), *item_shape) array.
+
+    what: the data set's name in messages ("Omniglot": "cannot decode Omniglot image <where> ...").
+    description: the progress bar's text (default "<what>: decoding <n> images"); the bar is drawn on
+        stderr from 1,000 files on.
+    workers: decoding processes (default: the usable CPUs, at most 8); 1 decodes here.
+    out: a writable uint8 array of that shape to fill (e.g. a ``numpy.memmap`` of a store being
+        written, for data that does not fit in memory); default a new array.
+    chunk, pool_min: files per job, and the fewest files worth a pool.
+
+    A file that does not decode stops it all with a one-line DataError naming that file.
+    """
+    import numpy as np
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    n = len(files)
+    shape = (n, *item_shape)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {shape}, got {out.dtype} {out.shape}")
+    members, sources, offsets = make_jobs(files, max(1, int(chunk)))
+    jobs = [(src, ms, decode, tuple(item_shape)) for src, ms in zip(sources, members)]
+    todo = set(range(len(jobs)))
+    workers = default_workers() if workers is None else max(1, int(workers))
+
+    def store(j: int, result: tuple) -> None:
+        images, err = result
+        if err is not None:
+            raise DataError(f"cannot decode {what} image {err}: the data is corrupt, download it again")
+        out[offsets[j]: offsets[j] + len(images)] = images
+        todo.discard(j)
+
+    close_zips()  # no open zip (and its file offset) may be shared with forked workers
+    pool, futures = None, None
+    if workers > 1 and n >= pool_min and len(jobs) > 1 and sys.platform.startswith("linux"):
+        pool, futures = _start_pool(jobs, min(workers, len(jobs)), what)  # before the progress bar's thread starts
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), transient=False, disable=n < 1000) as progress:
+            task = progress.add_task(description or f"{what}: decoding {n} images", total=n)
+            if futures is not None:
+                from concurrent.futures import as_completed
+                from concurrent.futures.process import BrokenProcessPool
+
+                try:
+                    for fut in as_completed(futures):
+                        j = futures[fut]
+                        store(j, fut.result())
+                        progress.advance(task, len(jobs[j][1]))
+                except (BrokenProcessPool, OSError, EOFError) as e:
+                    warnings.warn(f"{what}: parallel decoding failed ({type(e).__name__}: {one_line(e)}); "
+                                  f"decoding the rest in this process", stacklevel=3)
+            for j in sorted(todo):
+                store(j, _decode_job(jobs[j]))
+                progress.advance(task, len(jobs[j][1]))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        close_zips()
+    return out
