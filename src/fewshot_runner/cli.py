@@ -262,8 +262,12 @@ def check_values(command: str, cfg) -> None:
 # ----------------------------------------------------------------------------- hydra entry
 def _task(command: str):
     def task(cfg) -> None:
+        from fewshot_runner.engine.sweep import job_failed, sweep_job_dir
         from fewshot_runner.errors import UserError
 
+        # in a multirun, a job's failure is recorded in its folder and the sweep goes on; the summary at
+        # the end lists it and the sweep exits non-zero (engine/sweep.py)
+        job_dir = sweep_job_dir()
         try:
             if command == "train":
                 from fewshot_runner.engine.run import train
@@ -273,17 +277,27 @@ def _task(command: str):
                 from fewshot_runner.engine.run import evaluate_checkpoint
 
                 evaluate_checkpoint(cfg)
-        except UserError as e:
-            fail(str(e), getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             fail("interrupted", 130)
-        except OSError as e:  # the disk or the file system, not the input: still one line
-            import errno
+        except Exception as e:  # noqa: BLE001
+            message, code = None, 1
+            if isinstance(e, UserError):
+                message, code = str(e), getattr(e, "exit_code", 2)
+            elif isinstance(e, OSError):  # the disk or the file system, not the input: still one line
+                import errno
 
-            where = f" ({e.filename})" if e.filename else ""
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                fail(f"no space left on the device{where}; free some disk space and resume with resume=auto")
-            fail(f"{e.strerror or e}{where}; check the disk and the folder's permissions, then resume with resume=auto")
+                where = f" ({e.filename})" if e.filename else ""
+                code = 2
+                message = (f"no space left on the device{where}; free some disk space and resume with resume=auto"
+                           if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                           f"{e.strerror or e}{where}; check the disk and the folder's permissions, then resume "
+                           f"with resume=auto")
+            if job_dir is not None:
+                job_failed(job_dir, e, message, code)
+                return
+            if message is None:
+                raise
+            fail(message, code)
 
     return task
 

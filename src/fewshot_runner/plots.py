@@ -84,36 +84,51 @@ def save_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
     return out
 
 
-def save_sweep_summary_plot(rows: list[dict[str, Any]], out_png: str | Path) -> Path | None:
-    """Bar chart of ``test/acc`` (in %) with ``test/ci95`` error bars, one bar per ``job``.
-    Rows without a numeric test/acc are skipped; returns None when none is left."""
-    data = []
+def save_sweep_summary_plot(rows: list[dict[str, Any]], out_png: str | Path, title: str | None = None) -> Path | None:
+    """Bar chart of ``test/acc`` (in %) with ``test/ci95`` error bars, one bar per row, labelled by
+    ``job`` (wrapped to fit). A row without a numeric test/acc is drawn as its ``status`` in red
+    when it has one (a failed job), else skipped; returns None when no row is left. ``title``
+    (the constant overrides) is wrapped above the chart. Value labels sit inside long bars and
+    beside short ones, so none is cut at the 100 % edge."""
+    import textwrap
+
+    data = []  # (label, acc %, ci %, or None and a status)
     for r in rows:
+        label = textwrap.fill(str(r.get("job", len(data))), width=38, break_long_words=True)
         acc = r.get("test/acc")
-        if not isinstance(acc, (int, float)) or not math.isfinite(acc):
-            continue
-        ci = r.get("test/ci95")
-        ci = float(ci) if isinstance(ci, (int, float)) and math.isfinite(ci) else 0.0
-        data.append((str(r.get("job", len(data))), 100.0 * float(acc), 100.0 * ci))
+        if isinstance(acc, (int, float)) and math.isfinite(acc):
+            ci = r.get("test/ci95")
+            ci = float(ci) if isinstance(ci, (int, float)) and math.isfinite(ci) else 0.0
+            data.append((label, 100.0 * float(acc), 100.0 * ci, ""))
+        elif r.get("status") and r.get("status") != "done":
+            data.append((label, None, 0.0, str(r["status"])))
     if not data:
         return None
 
     plt = _pyplot()
-    labels = [d[0] if len(d[0]) <= 60 else d[0][:57] + "..." for d in data]
-    height = max(2.5, 0.45 * len(data) + 1.2)
-    fig, ax = plt.subplots(figsize=(10, height))
+    title_text = textwrap.fill(title or "sweep summary", width=90)
+    n_label_lines = sum(d[0].count("\n") + 1 for d in data)
+    height = 1.2 + 0.25 * max(n_label_lines, len(data)) + 0.18 * (title_text.count("\n") + 1)
+    fig, ax = plt.subplots(figsize=(10, max(2.5, height)))
     try:
         y = list(range(len(data)))
-        ax.barh(y, [d[1] for d in data], xerr=[d[2] for d in data], capsize=4, color="tab:blue", alpha=0.8)
-        for yi, (_, acc, ci) in zip(y, data):
-            ax.text(acc + ci + 0.5, yi, f"{acc:.2f} ± {ci:.2f}", va="center", fontsize=8)
+        done = [(yi, d) for yi, d in zip(y, data) if d[1] is not None]
+        if done:
+            ax.barh([yi for yi, _ in done], [d[1] for _, d in done], xerr=[d[2] for _, d in done], capsize=4,
+                    color="tab:blue", alpha=0.8)
+        for yi, (_, acc, ci, status) in zip(y, data):
+            if acc is None:
+                ax.text(1, yi, status, va="center", ha="left", fontsize=8, color="tab:red", fontweight="bold")
+            elif acc - ci > 30:
+                ax.text(acc - ci - 1, yi, f"{acc:.2f} ± {ci:.2f}", va="center", ha="right", fontsize=8, color="white")
+            else:
+                ax.text(acc + ci + 1, yi, f"{acc:.2f} ± {ci:.2f}", va="center", ha="left", fontsize=8)
         ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
-        hi = max(d[1] + d[2] for d in data)
-        ax.set_xlim(0, min(100.0, hi + 15.0) if hi < 100 else hi + 5)
+        ax.set_yticklabels([d[0] for d in data], fontsize=8)
+        ax.set_ylim(len(data) - 0.5, -0.5)
+        ax.set_xlim(0, 100)
         ax.set_xlabel("test accuracy (%) ± 95% CI")
-        ax.set_title("sweep summary")
+        ax.set_title(title_text, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         out = Path(out_png)
