@@ -259,6 +259,72 @@ def check_values(command: str, cfg) -> None:
             fail(f"train.ema_decay={v} must be 0 (off) or a decay in (0, 1), e.g. 0.99")
 
 
+# ----------------------------------------------------------------------------- refused runs
+class RunDirGuard:
+    """A Hydra callback (``hydra.callbacks`` in train.yaml / eval.yaml): before a single run, notes what
+    its run dir held, so that a run refused after Hydra made the folder (the data set is too small for
+    the episode shape, the checkpoint cannot be evaluated that way, ...) can take away what it created:
+    :func:`remove_refused_run_dir`.  Only Hydra's record (``.hydra/``), ``*.log`` files and empty files
+    or folders are ever removed; a folder that existed before the run is kept, and so is anything the
+    run wrote (a checkpoint, metrics)."""
+
+    state: tuple[Path, Path | None, set[str]] | None = None  # run dir, highest folder created, names held before
+
+    def on_run_start(self, config, **kwargs) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        top, p = None, run_dir
+        while not p.exists() and p != p.parent:
+            top, p = p, p.parent
+        held = set(os.listdir(run_dir)) if run_dir.is_dir() else set()
+        RunDirGuard.state = (run_dir, top, held)
+
+    def _ignore(self, *args, **kwargs) -> None:
+        return None
+
+    on_run_end = on_multirun_start = on_multirun_end = on_job_start = on_job_end = on_compose_config = _ignore
+
+
+def _disposable(path: Path, top_level: bool = True) -> bool:
+    """Nothing of value: Hydra's record, log files, empty files and folders."""
+    if path.is_symlink() or path.is_file():
+        return path.is_file() and not path.is_symlink() and (
+            path.stat().st_size == 0 or (top_level and path.suffix == ".log"))
+    if path.is_dir():
+        if top_level and path.name == ".hydra":
+            return all(p.is_file() and p.suffix == ".yaml" for p in path.iterdir())
+        return all(_disposable(p, top_level=False) for p in path.iterdir())
+    return False
+
+
+def remove_refused_run_dir() -> None:
+    """After a refused single run: remove what it created in (and above) its run dir, if nothing of value."""
+    import shutil
+
+    if RunDirGuard.state is None:
+        return
+    run_dir, top, held = RunDirGuard.state
+    RunDirGuard.state = None
+    try:
+        if not run_dir.is_dir():
+            return
+        new = [p for p in run_dir.iterdir() if p.name not in held]
+        if not all(_disposable(p) for p in new):
+            return
+        if top is None:  # the folder was there before: take away only what this run added
+            for p in new:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            return
+        shutil.rmtree(run_dir)
+        p = run_dir.parent
+        while top != run_dir and p != p.parent and (p == top or top in p.parents):
+            p.rmdir()  # only while empty: a folder another run put something in stays
+            if p == top:
+                break
+            p = p.parent
+    except OSError:
+        pass
+
+
 # ----------------------------------------------------------------------------- hydra entry
 def _task(command: str):
     def task(cfg) -> None:
@@ -316,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (see `fewshot --help`)")
     _maybe_reexec_with_allocator(args)
+    if command == "eval":  # algo.KEY=V: the checkpoint's learner says which keys it takes (eval_settings);
+        # the schema cannot know them, so they are added (++) and checked once the checkpoint is read
+        args = ["++" + a if a.startswith("algo.") else a for a in args]
     try:
         preflight(command, args)
 
@@ -325,10 +394,17 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = [f"fewshot {command}", *args]
         entry = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=command)(_task(command))
-        entry()
+        try:
+            entry()
+        except SystemExit as e:
+            if e.code not in (0, None):
+                remove_refused_run_dir()
+            raise
     except KeyboardInterrupt:  # Ctrl-C before a run installed its own handler, or between sweep jobs
         fail("interrupted", 130)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m fewshot_runner.cli (the launcher's re-exec): run the imported module, whose
+    from fewshot_runner.cli import main as _main  # RunDirGuard is the one Hydra instantiates from train.yaml
+
+    _main()
