@@ -86,3 +86,33 @@ def test_too_many_ways_or_shots_is_a_clear_error():
         EpisodeSampler(split, 20, 1, 1, seed=0)
     with pytest.raises(DataError, match="more than the 10 images per class"):
         EpisodeSampler(split, 5, 5, 6, seed=0)
+
+
+def _uneven_split():
+    labels = torch.tensor([0] * 3 + [1] * 7 + [2] * 5 + [3] * 4)
+    return ClassSplit("train", torch.arange(19).view(-1, 1, 1, 1), labels, list("abcd"))
+
+
+@pytest.mark.parametrize("make, shape, checksum, first", [
+    (make_split, (4, 2, 3), 4836760, [86, 81, 57, 53, 18, 11, 63, 65, 109, 102, 68, 64, 5, 7, 96, 90]),
+    (_uneven_split, (3, 1, 2), 10125, [9, 18, 2, 7, 12, 17, 1, 18, 11]),
+])
+def test_episodes_for_a_seed_are_those_of_the_sampler_before_draw_and_gather(make, shape, checksum, first):
+    """Pinned from the sampler as it was before ``sample`` became ``gather(draw(n))``: the same seed
+    still gives bitwise the same episodes (uniform and uneven class sizes)."""
+    s = EpisodeSampler(make(), *shape, seed=5)
+    e1, e2 = s.sample(3), s.sample(2)
+    ids = torch.cat([e1.support_x.flatten(), e1.query_x.flatten(), e2.support_x.flatten(), e2.query_x.flatten()]).long()
+    assert int((ids * torch.arange(1, ids.numel() + 1)).sum()) == checksum
+    assert e1.support_x[:, :, 0, 0, 0].flatten().tolist()[:16] == first
+
+
+def test_sample_is_gather_of_draw():
+    split = make_split()
+    a, b = EpisodeSampler(split, 4, 2, 3, seed=1), EpisodeSampler(split, 4, 2, 3, seed=1)
+    items = b.draw(6)
+    assert items.shape == (6, 4, 5) and items.dtype == torch.long
+    ep, ep2 = a.sample(6), b.gather(items)
+    for f in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(ep, f), getattr(ep2, f))
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())  # gather draws nothing

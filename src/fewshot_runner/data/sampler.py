@@ -1,4 +1,4 @@
-"""Episodic sampling by tensor indexing from an in-memory ClassSplit."""
+"""Episodic sampling by tensor indexing from a ClassSplit (in memory, or a lazy on-disk store)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class EpisodeSampler:
     disjoint draws within each class.  The order of the drawn classes is random, so
     labels 0..n_way-1 are a fresh permutation per task.  All randomness comes from the
     sampler's own ``torch.Generator`` so its state can be checkpointed and restored.
+
+    ``sample`` is ``draw`` (the random index draw, in this process) then ``gather`` (indexing
+    ``split.images``, no randomness): ``data.loader.PrefetchingLoader`` runs the gathers in
+    DataLoader workers and gives the very same episodes.
     """
 
     def __init__(self, split: ClassSplit, n_way: int, n_shot: int, n_query: int, seed: int) -> None:
@@ -43,6 +47,12 @@ class EpisodeSampler:
         self._uniform = bool((split.counts == split.counts[0]).all())
 
     def sample(self, n_tasks: int) -> Episode:
+        """A batch of ``n_tasks`` episodes: ``gather(draw(n_tasks))``."""
+        return self.gather(self.draw(n_tasks))
+
+    def draw(self, n_tasks: int) -> torch.Tensor:
+        """The random part of ``sample``: item indices (n_tasks, n_way, n_shot + n_query) into
+        ``split.images``, way by way, support items first. Only this advances the generator."""
         s, g = self.split, self.generator
         n_way, k = self.n_way, self.n_shot + self.n_query
         # classes: the first n_way of a random permutation per task
@@ -52,7 +62,13 @@ class EpisodeSampler:
         if not self._uniform:  # push padding slots to the end
             keys = keys.masked_fill(s.index[classes] < 0, 2.0)
         slots = keys.argsort(dim=2)[:, :, :k]  # (T, n_way, k), distinct per class
-        items = torch.gather(s.index[classes], 2, slots)
+        return torch.gather(s.index[classes], 2, slots)
+
+    def gather(self, items: torch.Tensor) -> Episode:
+        """The deterministic part of ``sample``: the Episode of drawn ``items`` (no randomness, so it may
+        run in a DataLoader worker)."""
+        s, n_way = self.split, self.n_way
+        n_tasks = items.shape[0]
         x = s.images[items]  # (T, n_way, k, *x_shape)
         labels = torch.arange(n_way).view(1, n_way, 1)
         xs = x[:, :, : self.n_shot].reshape(n_tasks, n_way * self.n_shot, *s.x_shape)
