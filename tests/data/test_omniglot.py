@@ -515,3 +515,22 @@ def test_real_omniglot_second_load_reads_the_cache_fast(real_omniglot, monkeypat
     print(f"\ncached Omniglot load: {seconds:.2f} s")
     assert torch.equal(again.split("val").images, first.split("val").images)
     assert seconds < 10
+
+
+def test_real_omniglot_from_the_lazy_store_gives_the_same_images_and_episodes(real_omniglot, tmp_path):
+    """The store for data that does not fit in memory, on the real test split: same images, and the
+    same 20-way episodes from the sampler and from the prefetching loader with 2 workers."""
+    from fewshot_runner.data.loader import PrefetchingLoader
+    from fewshot_runner.data.sampler import EpisodeSampler
+    from fewshot_runner.data.store import store_split
+
+    test = real_omniglot[2].split("test")
+    lazy = store_split(test, tmp_path / "omniglot_test.store")
+    assert lazy.class_names == test.class_names and torch.equal(lazy.images.tensor(), test.images)
+    plain = EpisodeSampler(test, 20, 1, 5, seed=0)
+    ref = [plain.sample(50) for _ in range(3)]
+    with PrefetchingLoader(EpisodeSampler(lazy, 20, 1, 5, seed=0), num_workers=2) as loader:
+        got = [loader.sample(50) for _ in range(3)]
+    for a, b in zip(ref, got):
+        assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+        assert torch.equal(a.query_y, b.query_y)
