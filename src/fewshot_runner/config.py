@@ -109,11 +109,14 @@ class DeviceConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = "auto"  # auto (comet online if COMET_API_KEY is set, else offline) | comet | comet_offline | none
+    # auto (comet online if COMET_API_KEY is set, else offline) | comet | comet_offline | tensorboard | none,
+    # or several joined by + (comet_offline+tensorboard); see fewshot_runner/loggers/__init__.py
+    kind: str = "auto"
     project_name: Optional[str] = "fewshot-runner"
     workspace: Optional[str] = None
-    experiment_name: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    experiment_name: Optional[str] = None  # None: <algo>-<data>-<n_way>w<n_shot>s-seed<seed>
+    tags: list[str] = field(default_factory=list)  # added to algorithm, dataset, shape and preset
+    log_model: bool = False  # upload the best checkpoint to Comet as a model
 
 
 @dataclass
