@@ -70,10 +70,9 @@ class Episode:
         uint8 images are converted to float in [0, 1] here, on the target device, so the
         host-to-device copy moves 4x fewer bytes.
         """
-
-        return Episode(_move_x(self.support_x, device, dtype, non_blocking), _move_y(self.support_y, device, dtype, non_blocking),
-                       _move_x(self.query_x, device, dtype, non_blocking), _move_y(self.query_y, device, dtype, non_blocking),
-                       self.n_way)
+        args = (device, dtype, non_blocking)
+        return Episode(_move_x(self.support_x, *args), _move_y(self.support_y, *args),
+                       _move_x(self.query_x, *args), _move_y(self.query_y, *args), self.n_way)
 
     def pin_memory(self) -> "Episode":
         return self.map_tensors(lambda t: t.pin_memory())
