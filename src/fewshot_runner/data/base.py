@@ -1,4 +1,4 @@
-"""In-memory class-indexed splits: what every episodic data set provides to the sampler."""
+"""Class-indexed splits: what every episodic data set provides to the samplers."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from fewshot_runner.errors import DataError
 
 @dataclass
 class ClassSplit:
-    """One split (train/val/test) of a classification data set, held in memory.
+    """One split (train/val/test) of a classification data set.
 
-    images: uint8 (or float) tensor (n_items, C, H, W)
+    images: uint8 (or float) tensor (n_items, C, H, W) in memory, or anything indexable like one:
+        ``images[LongTensor of any shape]`` -> a tensor (*shape, C, H, W), and ``.shape`` (the lazy
+        on-disk ``data.store.DiskImages`` for data that does not fit in memory)
     labels: long tensor (n_items,), class ids 0..n_classes-1
     class_names: one name per class id (for messages and predictions)
 
