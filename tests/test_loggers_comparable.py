@@ -15,6 +15,7 @@ import pytest
 from fewshot_runner.errors import UserError
 from fewshot_runner.loggers import (
     check_kind,
+    describe_kind,
     collect_run_info,
     make_logger,
     make_run_logger,
@@ -150,6 +151,8 @@ def test_logger_kinds_combine_with_plus():
         with pytest.raises(ValueError, match=re.escape(fragment)):
             parse_kinds(bad)
     assert check_kind("comet_offline") is None
+    assert describe_kind("comet_offline+tensorboard", "/r") == ("/r/metrics.jsonl; Comet offline archive in /r/comet; "
+                                                                "TensorBoard events in /r/tensorboard")
     assert "comet_offline" in check_kind("wandb")  # the one line names the choices
 
 

@@ -31,8 +31,8 @@ from fewshot_runner.loggers.runinfo import collect_run_info, run_identity
 from fewshot_runner.loggers.tensorboard import TensorBoardLogger, tensorboard_missing
 
 __all__ = ["RunLogger", "NullLogger", "JSONLLogger", "CometLogger", "TensorBoardLogger", "MultiLogger",
-           "make_logger", "make_run_logger", "parse_kinds", "check_kind", "flatten", "collect_run_info",
-           "run_identity", "KINDS"]
+           "make_logger", "make_run_logger", "parse_kinds", "check_kind", "describe_kind", "flatten",
+           "collect_run_info", "run_identity", "KINDS"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,6 +69,25 @@ def check_kind(kind: str | Iterable[str]) -> str | None:
     if "tensorboard" in parts:
         return tensorboard_missing()
     return None
+
+
+def describe_kind(kind: str | Iterable[str], run_dir: str | Path) -> str:
+    """Where ``kind`` will write, without building it (no comet_ml import): for a banner printed before
+    the logger exists. ``MultiLogger.describe()`` says the same once it is built (with the Comet URL)."""
+    run_dir = Path(run_dir)
+    try:
+        kinds = parse_kinds(kind)
+    except ValueError:
+        return str(kind)
+    parts = [str(run_dir / "metrics.jsonl")]
+    for k in kinds:
+        if k in _COMET_KINDS:
+            online = k == "comet" or (k == "auto" and api_key())
+            parts.append("Comet online (offline archive in " + str(run_dir / "comet") + " if it cannot connect)"
+                         if online else f"Comet offline archive in {run_dir / 'comet'}")
+        elif k == "tensorboard":
+            parts.append(f"TensorBoard events in {run_dir / 'tensorboard'}")
+    return "; ".join(parts)
 
 
 def make_logger(
