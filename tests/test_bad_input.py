@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,15 @@ CASES = {
         ["algo._target_=fewshot_runner.algorithms.Nope cannot be imported", "algo=NAME"]),
     "unknown logger kind": (["train", "logger.kind=wandb"], ["logger.kind=wandb", "comet_offline"]),
     "bad value in one sweep job": (["train", "-m", "data.n_way=5,0", "hydra.sweep.dir={out}"], ["data.n_way=0"]),
+    "unknown key added with +": (["train", "+nosuch.key=1"], ["unknown config key 'nosuch.key' (added with +)", "--help"]),
+    "unknown key added with ++": (["train", "++train.stepz=3"], ["unknown config key 'train.stepz' (added with ++)"]),
+    "unknown learner key added with +": (["train", "algo=maml", "+algo.inner_lrr=0.1"], ["'algo.inner_lrr'"]),
+    "unknown eval key added with +": (["eval", "checkpoint={w}/run/checkpoints/last.pt", "+data.nway=20", "device=cpu"],
+                                      ["unknown config key 'data.nway'"]),
+    "one-way episodes": (["train", "data.n_way=1"], ["data.n_way=1", "a single class", "data.n_way=2 or more"]),
+    "one-way training episodes": (["train", "data.train_n_way=1"], ["data.train_n_way=1", "data.train_n_way=2"]),
+    "one-way eval episodes": (["eval", "checkpoint={w}/run/checkpoints/last.pt", "data.n_way=1", "device=cpu"],
+                              ["data.n_way=1", "2 or more"]),
     "unknown command": (["trian"], ["unknown command 'trian'", "train, eval"]),
     "eval without checkpoint": (["eval", "device=cpu"], ["missing value for checkpoint", "checkpoint="]),
     # --- output folders
@@ -149,9 +159,9 @@ CASES = {
     # --- checkpoints to resume from or to evaluate
     "missing checkpoint": (["train", "resume={w}/nope.pt"], ["checkpoint not found", "fewshot train"]),
     "checkpoint is a folder": (["train", "resume={w}/bad/a_folder.pt"], ["is a folder", ".pt file"]),
-    "corrupt checkpoint": (["train", "resume={w}/bad/garbage.pt"], ["garbage.pt is corrupt", "last.pt"]),
+    "text file as checkpoint": (["train", "resume={w}/bad/garbage.pt"], ["garbage.pt is not a fewshot checkpoint (a text file)", "last.pt"]),
     "truncated checkpoint": (["train", "resume={w}/bad/truncated.pt"], ["truncated.pt is corrupt", "truncated"]),
-    "empty checkpoint": (["train", "resume={w}/bad/empty.pt"], ["empty.pt is corrupt"]),
+    "empty checkpoint": (["train", "resume={w}/bad/empty.pt"], ["empty.pt is empty (0 bytes)", "fewshot train"]),
     "foreign checkpoint": (["train", "resume={w}/bad/foreign_state_dict.pt"], ["not a fewshot checkpoint"]),
     "checkpoint of a future format": (["train", "resume={w}/bad/format99.pt"], ["format 99", "format 1"]),
     "checkpoint with pickled code": (["train", "resume={w}/bad/pickled_code.pt"], ["refused for safety"]),
@@ -164,6 +174,9 @@ CASES = {
     "resume=auto in a run with a torn last.pt": (["train", "resume=auto", "hydra.run.dir={w}/torn_run"],
                                                 ["torn_run/checkpoints/last.pt is corrupt"]),
     "eval of a corrupt checkpoint": (["eval", "checkpoint={w}/bad/truncated.pt", "device=cpu"], ["is corrupt"]),
+    "eval of a text file": (["eval", "checkpoint={w}/not_a_folder.txt", "device=cpu"],
+                            ["not_a_folder.txt is not a fewshot checkpoint (a text file)", "fewshot train"]),
+    "eval of an empty file": (["eval", "checkpoint={w}/bad/empty.pt", "device=cpu"], ["empty.pt is empty (0 bytes)"]),
     "eval of a checkpoint with pickled code": (["eval", "checkpoint={w}/bad/pickled_code.pt", "device=cpu"],
                                                ["refused for safety"]),
     "eval into a training run's folder": (["eval", f"checkpoint={LAST}", "device=cpu", "hydra.run.dir={w}/run"],
@@ -223,6 +236,11 @@ def test_bad_input_is_one_line_and_changes_nothing(world, tmp_path, name):
         assert f.format(**fill) in lines[0], (f, lines[0])
     assert snapshot(world) == before, "a file of the prepared folder changed"
     assert not (world / "PWNED").exists()
+    # a refused run leaves no run dir, even where the check came after Hydra made one (data, checkpoint shape)
+    out = tmp_path / "out"
+    assert not out.exists(), sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    if "checkpoint" in name or name.startswith(("eval of", "resume")):  # the user's words, not exception classes
+        assert not re.search(r"\(\w*(Error|Exception)\)", lines[0]), lines[0]
 
 
 def test_the_matrix_has_at_least_25_distinct_cases():

@@ -15,17 +15,19 @@ from pathlib import Path
 USAGE = """usage: fewshot COMMAND [OVERRIDES...] [-m] [--help]
 
 commands:
-  train   train a meta-learner, keep the best model on validation classes, test it
-          e.g. fewshot train algo=maml data=omniglot
-               fewshot train -m algo=maml,protonet data.n_shot=1,5     (a sweep)
-               fewshot train debug=smoke                               (a CPU smoke run)
-  eval    re-test a saved run: fewshot eval checkpoint=PATH [data.n_way=20] [eval.n_episodes=600]
+  train       train a meta-learner, keep the best model on validation classes, test it
+              e.g. fewshot train algo=maml data=omniglot        (the MAML paper's Omniglot setup)
+                   fewshot train -m algo=maml,protonet data.n_shot=1,5     (a sweep)
+                   fewshot train debug=smoke                               (a CPU smoke run, seconds)
+  eval        re-test a saved run: fewshot eval checkpoint=PATH [data.n_way=20] [eval.n_episodes=600]
+  list        the algorithms, data sets, backbones, optimizers, devices, loggers and presets, a line each
+  completion  the shell completion script: eval "$(fewshot completion bash)"   (or zsh)
 
-`fewshot train --help` lists the config groups (algo, data, backbone, device, logger,
-experiment, debug) and every key.  Overrides are Hydra's: key=value, group=option.
+`fewshot train --help` lists the config groups and every key with its description.
+Overrides are Hydra's: key=value, group=option.
 """
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "list", "completion")
 HYDRA_FLAGS_WITHOUT_PREFLIGHT = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--version",
                                  "--shell-completion", "-sc", "--resolve", "-p", "--package"}
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
@@ -146,6 +148,8 @@ def preflight(command: str, args: list[str]) -> None:
                 if missing:
                     fail(f"missing value for {missing[0]}; pass {missing[0]}=..."
                          + (" (the .pt file of a trained run)" if missing[0] == "checkpoint" else ""))
+                if i == 0:
+                    check_added_keys(command, cfg, parsed)
                 check_values(command, cfg)
                 if not multirun:
                     jobs.append((cfg, Path(cfg.hydra.run.dir)))
@@ -157,6 +161,68 @@ def preflight(command: str, args: list[str]) -> None:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         check_writable(Path(jobs[0][0].hydra.sweep.dir if multirun else jobs[0][1]), key)
         check_start(command, jobs)
+
+
+def check_added_keys(command: str, cfg, parsed) -> None:
+    """A key added with ``+``/``++`` must still be one a schema declares: Hydra lets ``+nosuch.key=1``
+    through the schemas' struct mode, and the run would silently ignore it.  Keys under a plain dict
+    (``fewshot eval``'s ``algo.*``, Hydra's own ``hydra.*``) and config groups (``+experiment=...``) pass."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    groups = {p.name for p in Path(conf_dir()).iterdir() if p.is_dir()}
+    for o in parsed:
+        if not (o.is_add() or o.is_force_add()) or o.package is not None:
+            continue
+        key = o.key_or_group
+        if key.split(".")[0] == "hydra" or key.split("/")[0] in groups or "/" in key:
+            continue
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, DictConfig):
+                break
+            cls = OmegaConf.get_type(node)
+            if dataclasses.is_dataclass(cls) and part not in {f.name for f in dataclasses.fields(cls)}:
+                fail(f"unknown config key '{key}' (added with {'++' if o.is_force_add() else '+'}): no schema has it, "
+                     f"so the run would ignore it; check the spelling (`fewshot {command} --help` lists every key)")
+            if part not in node:
+                break
+            node = node._get_node(part)
+
+
+def check_checkpoint_file(path: Path, key: str) -> None:
+    """Say in the user's words what a file given as a checkpoint is, when it cannot be one: empty, text
+    or another kind of file, a torch archive cut short.  Files that look like torch's are left to
+    :func:`fewshot_runner.engine.checkpoint.load_checkpoint`, which checks what is inside."""
+    import zipfile
+
+    path = path.expanduser()
+    if not path.is_file():
+        return  # missing, a folder: load_checkpoint says so
+    use = "use a .pt file written by `fewshot train` (its run dir's checkpoints/best.pt or last.pt)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if not head:
+            fail(f"checkpoint {path} is empty (0 bytes): a save that never finished; {use}")
+        if head[:4] != b"PK\x03\x04":  # torch.save writes a zip archive (legacy files: a pickle)
+            if head[:1] == b"\x80":
+                return
+            try:
+                head.decode("utf-8")
+                what = "a text file"
+            except UnicodeDecodeError:
+                what = "not a torch file"
+            fail(f"{key}={path} is not a fewshot checkpoint ({what}); {use}")
+        with zipfile.ZipFile(path) as zf:
+            if zf.testzip() is not None:
+                raise zipfile.BadZipFile
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        fail(f"checkpoint {path} is corrupt: the torch archive is cut short or damaged (a copy or save that did "
+             f"not finish); {use}")
+    except OSError as e:
+        fail(f"cannot read checkpoint {path} ({e.strerror or e}); check the file's permissions")
 
 
 def check_writable(folder: Path, key: str) -> None:
@@ -205,6 +271,13 @@ def check_start(command: str, jobs: list) -> None:
         from fewshot_runner.engine.run import check_start as check_train_start
 
         for cfg, run_dir in todo:
+            if command == "eval":
+                check_checkpoint_file(Path(str(cfg.checkpoint)), "checkpoint")
+            elif cfg.get("resume"):
+                resume = Path(str(cfg.resume)) if cfg.resume != "auto" else \
+                    run_dir / "checkpoints" / "last.pt" if run_dir is not None else None
+                if resume is not None:
+                    check_checkpoint_file(resume, "resume")
             if command == "train" and run_dir is not None:
                 check_train_start(cfg, run_dir)  # device, run dir, checkpoint to resume from
             else:
@@ -250,6 +323,11 @@ def check_values(command: str, cfg) -> None:
         v = OmegaConf.select(cfg, key)
         if v is not None and v < 1:
             fail(f"{key}={v} must be a positive integer")
+    for key in ("data.n_way", "data.train_n_way"):
+        v = OmegaConf.select(cfg, key)
+        if v == 1:
+            fail(f"{key}=1: a 1-way episode has a single class, so every answer is right and the accuracy means "
+                 f"nothing; use {key}=2 or more (5 and 20 are the usual)")
     if command == "train":
         v = OmegaConf.select(cfg, "train.lr_min")
         if v is not None and not 0 <= v <= 1:
@@ -368,6 +446,45 @@ def _task(command: str):
     return task
 
 
+def _discovery(command: str, args: list[str]) -> None:
+    from fewshot_runner import discovery
+
+    if command == "list":
+        if args:
+            fail(f"fewshot list takes no arguments (got {' '.join(args)})")
+        _print(discovery.list_text())
+        return
+    shell = args[0] if args else "bash"
+    if shell not in ("bash", "zsh") or len(args) > 1:
+        fail(f"fewshot completion {' '.join(args)}: use fewshot completion bash (or zsh)")
+    print(discovery.completion_script(shell))
+
+
+def _help(command: str, overrides: list[str]) -> None:
+    """``fewshot train|eval --help [overrides]``: the groups and every key with its description."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fewshot_runner.discovery import help_text
+
+    if command == "eval":
+        overrides = ["++" + a if a.startswith("algo.") else a for a in overrides]
+    try:
+        text = help_text(command, overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        fail(one_line(exception_text(e)))
+    _print(text)
+
+
+def _print(text: str) -> None:
+    """Print, quietly stopping where a pager or `| head` stopped reading."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -379,8 +496,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fewshot_runner {__version__}")
         return
     command, args = argv[0], argv[1:]
+    if command in ("-sc", "--shell-completion"):  # what the completion function calls: fewshot -sc query=bash
+        from fewshot_runner.discovery import shell_completion
+
+        return shell_completion(args[0] if args else None)
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (see `fewshot --help`)")
+    if command in ("list", "completion"):
+        return _discovery(command, args)
+    flags = [a for a in args if a.startswith("-")]
+    if "-sc" in flags or "--shell-completion" in flags:  # Hydra's flag on a command: our script, for all commands
+        from fewshot_runner.discovery import shell_completion
+
+        i = max(args.index(f) for f in ("-sc", "--shell-completion") if f in args)
+        return shell_completion(args[i + 1] if i + 1 < len(args) else None)
+    if "--help" in flags or "-h" in flags:
+        return _help(command, [a for a in args if not a.startswith("-")])
     _maybe_reexec_with_allocator(args)
     if command == "eval":  # algo.KEY=V: the checkpoint's learner says which keys it takes (eval_settings);
         # the schema cannot know them, so they are added (++) and checked once the checkpoint is read

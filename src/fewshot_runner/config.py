@@ -21,20 +21,20 @@ class DataConfig:
     validation and test episodes and, unless ``train_*`` says otherwise, training ones."""
 
     _target_: str = MISSING
-    n_way: int = 5
-    n_shot: int = 1
-    n_query: int = 15
+    n_way: int = 5  # classes per validation/test episode (and training, unless train_n_way)
+    n_shot: int = 1  # labelled support images per class
+    n_query: int = 15  # query images per class, to classify
     train_n_way: Optional[int] = None  # e.g. 60 for ProtoNet's higher-way training
-    train_n_shot: Optional[int] = None
-    train_n_query: Optional[int] = None
+    train_n_shot: Optional[int] = None  # null: n_shot
+    train_n_query: Optional[int] = None  # null: n_query (MAML on Omniglot: 1, as the paper's code)
 
 
 @dataclass
 class OmniglotConfig(DataConfig):
     _target_: str = "fewshot_runner.data.omniglot.Omniglot"
     root: Optional[str] = None  # None: $FEWSHOT_DATA/omniglot, else ~/.cache/fewshot/omniglot
-    download: bool = False
-    image_size: int = 28
+    download: bool = False  # true: fetch with torchvision when the data is missing (needs internet)
+    image_size: int = 28  # pixels per side, after resizing from 105
     # vinyals: the Vinyals et al. split (whole alphabets held out; ProtoNet, Matching Nets); maml: the
     # MAML paper's random split of all characters (1,100 / 100 / 423; test alphabets seen in training)
     split_scheme: str = "vinyals"
@@ -43,20 +43,20 @@ class OmniglotConfig(DataConfig):
 @dataclass
 class SyntheticConfig(DataConfig):
     _target_: str = "fewshot_runner.data.synthetic.Synthetic"
-    n_classes_train: int = 64
+    n_classes_train: int = 64  # generated classes per split
     n_classes_val: int = 16
     n_classes_test: int = 20
-    per_class: int = 20
-    image_size: int = 28
-    channels: int = 1
-    seed: int = 0
+    per_class: int = 20  # images per class
+    image_size: int = 28  # pixels per side
+    channels: int = 1  # image channels
+    seed: int = 0  # the classes depend on this seed only
 
 
 # ----------------------------------------------------------------------------- backbones
 @dataclass
 class Conv4Config:
     _target_: str = "fewshot_runner.backbones.conv.Conv4"
-    hidden: int = 64
+    hidden: int = 64  # channels of each of the four conv blocks
     pool: bool = True  # max-pool (ProtoNet / MAML miniImageNet) or stride-2 convs (MAML Omniglot)
     fused_ops: str = "${device.fused_ops}"  # off | on | auto
 
@@ -64,18 +64,18 @@ class Conv4Config:
 @dataclass
 class MLPConfig:
     _target_: str = "fewshot_runner.backbones.mlp.MLP"
-    hidden: list[int] = field(default_factory=lambda: [256, 128, 64, 64])
-    batch_norm: bool = True
+    hidden: list[int] = field(default_factory=lambda: [256, 128, 64, 64])  # widths of the hidden layers
+    batch_norm: bool = True  # BatchNorm after each hidden layer
 
 
 # ----------------------------------------------------------------------------- algorithms
 @dataclass
 class MAMLConfig:
     _target_: str = "fewshot_runner.algorithms.maml.MAML"
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    first_order: bool = False
+    inner_lr: float = 0.4  # learning rate of the inner (adaptation) steps
+    inner_steps: int = 1  # adaptation steps per task in training
+    eval_inner_steps: int = 3  # adaptation steps at validation and test
+    first_order: bool = False  # true: FOMAML (no second-order term)
     batch_tasks: str = "${device.batch_tasks}"  # off | on (vmap) | groups (grouped convolutions) | auto
 
 
@@ -96,7 +96,7 @@ class DeviceConfig:
     batch_tasks: str = "auto"  # MAML: tasks of a batch at once: off | on (vmap) | groups (grouped convs, Conv4) | auto
     channels_last: str = "auto"  # NHWC convolutions: off | on | auto (on for CPU; true/false also accepted)
     task_threads: str = "auto"  # MAML on CPU: tasks of a batch in N threads of 1 core each; auto | N
-    compile: bool = False
+    compile: bool = False  # torch.compile the backbone (ProtoNet; refused for MAML's double backward)
     # the training step's forward and backward captured once as a CUDA graph and replayed: off | on | auto (off
     # until measured on a GPU)
     cuda_graphs: str = "off"
@@ -112,8 +112,8 @@ class LoggerConfig:
     # auto (comet online if COMET_API_KEY is set, else offline) | comet | comet_offline | tensorboard | none,
     # or several joined by + (comet_offline+tensorboard); see fewshot_runner/loggers/__init__.py
     kind: str = "auto"
-    project_name: Optional[str] = "fewshot-runner"
-    workspace: Optional[str] = None
+    project_name: Optional[str] = "fewshot-runner"  # Comet project
+    workspace: Optional[str] = None  # Comet workspace; null: the key's default
     experiment_name: Optional[str] = None  # None: <algo>-<data>-<n_way>w<n_shot>s-seed<seed>
     tags: list[str] = field(default_factory=list)  # added to algorithm, dataset, shape and preset
     log_model: bool = False  # upload the best checkpoint to Comet as a model
@@ -121,42 +121,42 @@ class LoggerConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 10000
+    steps: int = 10000  # outer steps (ProtoNet: episodes)
     # classes to train on: train, or trainval (train + val, as the ProtoNet paper's 1,200 Omniglot
     # characters; there is then no held-out validation: the last model is kept and tested)
     split: str = "train"
     meta_batch_size: int = 32  # tasks per outer step
     outer_lr: float = 1e-3  # Adam
     lr_decay_every: Optional[int] = None  # StepLR: multiply the outer lr by lr_decay every N steps
-    lr_decay: float = 0.5
+    lr_decay: float = 0.5  # factor of the step schedule
     # step: the StepLR above (constant when lr_decay_every is null); cosine: anneal the outer lr
     # from outer_lr to outer_lr * lr_min over train.steps (lr_decay_every is then not used)
     lr_schedule: str = "step"
-    lr_min: float = 0.0
-    grad_clip: Optional[float] = None
+    lr_min: float = 0.0  # cosine: the last lr as a fraction of outer_lr
+    grad_clip: Optional[float] = None  # max gradient norm; null: no clipping
     # exponential moving average of the weights (0: off): validation, the test and best.pt use the
     # average; training goes on with the model's own weights (engine/ema.py)
     ema_decay: float = 0.0
     task_chunk: Optional[int] = None  # tasks per forward/backward (bounds memory); None: all
-    val_every: int = 500
-    val_episodes: int = 200
-    ckpt_every: int = 500
-    log_every: int = 10
+    val_every: int = 500  # validate every N steps (keeps the best model)
+    val_episodes: int = 200  # episodes per validation
+    ckpt_every: int = 500  # write checkpoints/last.pt every N steps
+    log_every: int = 10  # metrics every N steps
     on_nan: str = "stop"  # stop | skip
     progress: bool = True  # rich progress bar
 
 
 @dataclass
 class EvalConfig:
-    n_episodes: int = 600
-    split: str = "test"
+    n_episodes: int = 600  # test episodes (mean and 95 % interval)
+    split: str = "test"  # train | val | test: the classes to test on
     seed: int = 2024  # fixes the validation/test episodes
     chunk: int = 50  # episodes per forward at most (speed and memory only: the episodes depend on seed alone)
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
+    seed: int = 0  # seeds the weights and the training episodes
     resume: Optional[str] = None  # PATH or "auto"
     data: Any = MISSING
     backbone: Any = MISSING
@@ -187,8 +187,8 @@ class EvalAlgoOverrides:
 
 @dataclass
 class EvalRunConfig:
-    checkpoint: str = MISSING
-    seed: int = 0
+    checkpoint: str = MISSING  # the .pt file of a trained run (e.g. outputs/DATE/TIME/checkpoints/best.pt)
+    seed: int = 0  # not used by the evaluation: its episodes depend on eval.seed and the shape alone
     data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
     algo: EvalAlgoOverrides = field(default_factory=EvalAlgoOverrides)
     device: DeviceConfig = field(default_factory=DeviceConfig)
