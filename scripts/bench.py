@@ -355,7 +355,7 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
     import fewshot_runner.config  # noqa: F401  (registers the schemas)
     from fewshot_runner.cli import conf_dir
     from fewshot_runner.engine.device import resolve_runtime
-    from fewshot_runner.engine.run import build_learner
+    from fewshot_runner.engine.build import build_learner
 
     algo_name = "protonet" if case.workload == "protonet" else ("fomaml" if case.first_order else "maml")
     overrides = [f"algo={algo_name}", "backbone=conv4", "data=synthetic", f"device={device_type}",
@@ -379,7 +379,7 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
 def fast_step_fn(case: Case, algo, runtime, cfg, tiny: bool) -> Callable[[], float]:
     import torch
 
-    from fewshot_runner.engine.run import gradient_outer_step, step_helpers
+    from fewshot_runner.engine.outer_step import gradient_outer_step, step_helpers
 
     episodes = make_episodes(case, tiny, runtime.device)
     opt = torch.optim.Adam(algo.parameters(), lr=cfg.train.outer_lr)
@@ -429,7 +429,7 @@ def package_grads(case: Case, algo, runtime, episodes, dtype):
     if dtype != torch.float32:  # (bf16 autocast: fp32 only)
         runtime = dataclasses.replace(runtime, autocast_dtype=None)
     # the engine's own outer step (task threads included), with an optimizer that moves nothing
-    from fewshot_runner.engine.run import gradient_outer_step
+    from fewshot_runner.engine.outer_step import gradient_outer_step
 
     gradient_outer_step(algo, torch.optim.SGD(algo.parameters(), lr=0.0), episodes, runtime, None, None)
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in algo.parameters()]

@@ -38,7 +38,8 @@ def child(args) -> None:
     from fewshot_runner.data.sampler import EpisodeSampler
     from fewshot_runner.data.synthetic import Synthetic
     from fewshot_runner.engine.device import resolve_runtime
-    from fewshot_runner.engine.run import build_learner, gradient_outer_step
+    from fewshot_runner.engine.build import build_learner
+    from fewshot_runner.engine.outer_step import gradient_outer_step
 
     overrides = [f"algo={args.algo}", f"backbone={args.backbone}", "data=synthetic", "device=cpu", "logger=none",
                  f"device.threads={args.threads}", f"data.n_way={args.n_way}", f"data.n_shot={args.n_shot}",

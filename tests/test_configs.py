@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from fewshot_runner.cli import conf_dir
 from fewshot_runner.engine.device import resolve_runtime
-from fewshot_runner.engine.run import build_dataset, build_learner, episode_shapes
+from fewshot_runner.engine.build import build_dataset, build_learner, episode_shapes
 
 CONF = Path(conf_dir())
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))

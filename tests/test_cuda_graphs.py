@@ -12,7 +12,7 @@ from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.engine.device import Runtime
 from fewshot_runner.engine.graphs import Body, GraphedStep
 from fewshot_runner.engine.memory import ChunkPlanner
-from fewshot_runner.engine.run import gradient_outer_step
+from fewshot_runner.engine.outer_step import gradient_outer_step
 from fewshot_runner.episode import Episode
 
 CPU = Runtime(torch.device("cpu"), None, False)
@@ -159,7 +159,8 @@ def test_the_training_loop_with_replayed_steps_ends_where_the_eager_loop_does(co
     ``fewshot train`` with cuda_graphs on, here with the emulation on CPU, writes the eager run's weights."""
     import dataclasses
 
-    import fewshot_runner.engine.run as run_mod
+    import fewshot_runner.engine.build as build_mod
+    import fewshot_runner.engine.outer_step as step_mod
     from fewshot_runner.engine.run import train
 
     overrides = ["debug=smoke", "algo=maml", "train.steps=5", "train.meta_batch_size=3", "train.task_chunk=2"]
@@ -170,9 +171,9 @@ def test_the_training_loop_with_replayed_steps_ends_where_the_eager_loop_does(co
         backends.append(EagerEmulation())
         return GraphedStep(algo, runtime, backends[-1])
 
-    real_resolve = run_mod.resolve_runtime
-    monkeypatch.setattr(run_mod, "resolve_runtime", lambda c: dataclasses.replace(real_resolve(c), cuda_graphs=True))
-    monkeypatch.setattr(run_mod, "GraphedStep", graphed_step)
+    real_resolve = build_mod.resolve_runtime
+    monkeypatch.setattr(build_mod, "resolve_runtime", lambda c: dataclasses.replace(real_resolve(c), cuda_graphs=True))
+    monkeypatch.setattr(step_mod, "GraphedStep", graphed_step)
     replayed = train(compose_cfg(overrides), run_dir=tmp_path / "graphs")
     assert len(backends) == 1 and backends[0].captures == 1 and backends[0].replays == 5
     a = torch.load(tmp_path / "eager" / "checkpoints" / "last.pt", weights_only=False)["model"]

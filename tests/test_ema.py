@@ -64,6 +64,8 @@ def test_training_is_untouched_and_validation_test_and_eval_use_the_average(comp
     """A run with train.ema_decay trains the very same weights as one without (last.pt's model and
     optimizer are bitwise equal); its validation and its test see the average's weights, which
     best.pt carries and `fewshot eval` uses."""
+    import fewshot_runner.engine.eval_checkpoint as eval_checkpoint
+    import fewshot_runner.engine.loop as loop
     import fewshot_runner.engine.run as run
 
     seen = []
@@ -73,7 +75,8 @@ def test_training_is_untouched_and_validation_test_and_eval_use_the_average(comp
         seen.append((split.name, {n: v.detach().clone() for n, v in algo.state_dict().items()}))
         return real_eval(algo, split, *a, **k)
 
-    monkeypatch.setattr(run, "evaluate", spy)
+    for module in (loop, run, eval_checkpoint):  # validation, the final test, `fewshot eval`
+        monkeypatch.setattr(module, "evaluate", spy)
     plain = run.train(compose_cfg(SMOKE), run_dir=tmp_path / "plain")
     seen.clear()
     res = run.train(compose_cfg([*SMOKE, "train.ema_decay=0.5"]), run_dir=tmp_path / "ema")
@@ -98,7 +101,7 @@ def test_training_is_untouched_and_validation_test_and_eval_use_the_average(comp
     seen.clear()
     cfg = compose_cfg([f"checkpoint={tmp_path / 'ema' / 'checkpoints' / 'best.pt'}", "device=cpu",
                        "eval.n_episodes=20", "eval.chunk=10"], name="eval")  # as debug=smoke tests
-    again = run.evaluate_checkpoint(cfg, run_dir=tmp_path / "ev")
+    again = eval_checkpoint.evaluate_checkpoint(cfg, run_dir=tmp_path / "ev")
     assert all(torch.equal(seen[0][1][k], eval_weights(best)[k]) for k in avg)
     assert again["test/acc"] == res["test/acc"]  # the same episodes (eval.seed) and the same weights
 

@@ -15,7 +15,7 @@ from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.engine.device import Runtime
 from fewshot_runner.engine.memory import MB, ChunkPlanner, SavedTensorBytes, measure_peak
-from fewshot_runner.engine.run import gradient_outer_step
+from fewshot_runner.engine.outer_step import gradient_outer_step
 from fewshot_runner.errors import UserError
 
 CPU = Runtime(torch.device("cpu"), None, False)
@@ -151,7 +151,8 @@ def test_task_chunk_and_memory_cap_together_are_refused(cli, tmp_path):
 
 
 def test_out_of_gpu_memory_is_one_line_naming_the_cap_and_keeps_the_checkpoint(compose_cfg, tmp_path, monkeypatch):
-    import fewshot_runner.engine.run as run_mod
+    import fewshot_runner.engine.loop as run_mod
+    from fewshot_runner.engine.run import train
 
     real, calls = run_mod.gradient_outer_step, []
 
@@ -163,7 +164,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_cap_and_keeps_the_checkpoint(c
 
     monkeypatch.setattr(run_mod, "gradient_outer_step", runs_out_at_step_3)
     with pytest.raises(UserError) as e:
-        run_mod.train(compose_cfg(["debug=smoke", "algo=maml"]), run_dir=tmp_path / "r")
+        train(compose_cfg(["debug=smoke", "algo=maml"]), run_dir=tmp_path / "r")
     msg = str(e.value)
     assert "out of GPU memory in training step 3" in msg and "device.memory_cap_mb" in msg and "\n" not in msg
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)

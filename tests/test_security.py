@@ -85,7 +85,7 @@ def test_checkpoint_naming_a_foreign_class_is_refused(tmp_path):
     one_error_line(p, "foreign class", "os.system")
     from omegaconf import OmegaConf
 
-    from fewshot_runner.engine.run import evaluate_checkpoint
+    from fewshot_runner.engine.eval_checkpoint import evaluate_checkpoint
 
     cfg = OmegaConf.create({"checkpoint": str(tmp_path / "nested.pt")})
     with pytest.raises(CheckpointError, match="foreign class"):

@@ -10,7 +10,8 @@ from conftest import toy_episodes
 from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.engine.device import Runtime, resolve_runtime
-from fewshot_runner.engine.run import gradient_outer_step, task_threads_for
+from fewshot_runner.engine.outer_step import gradient_outer_step
+from fewshot_runner.engine.task_threads import task_threads_for
 from fewshot_runner.errors import UserError
 
 
@@ -69,7 +70,9 @@ def test_task_threads_stand_aside_for_vmap_cuda_and_batch_wide_learners():
     algo.batch_tasks = "on"  # vmapped tasks: one call for the batch
     assert task_threads_for(algo, eps, rt) == 1
 
-    class BatchWide(torch.nn.Module):  # e.g. ProtoNet: batch norm over the whole batch
+    from fewshot_runner.algorithms.base import MetaLearner
+
+    class BatchWide(MetaLearner):  # e.g. ProtoNet: batch norm over the whole batch (the default)
         pass
 
     assert task_threads_for(BatchWide(), eps, rt) == 1

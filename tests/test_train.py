@@ -37,7 +37,7 @@ def test_protonet_on_real_omniglot_beats_chance_widely(compose_cfg, tmp_path, om
 def test_eval_runs_a_checkpoint_with_the_device_settings_given_to_eval(compose_cfg, tmp_path, monkeypatch):
     """The checkpoint's config holds resolved device-derived keys (backbone.fused_ops, algo.batch_tasks);
     `fewshot eval ... device.fused_ops=off device.batch_tasks=on` must build the model with those."""
-    import fewshot_runner.engine.run as run
+    import fewshot_runner.engine.eval_checkpoint as run
 
     train(compose_cfg(["debug=smoke", "algo=maml", "device.fused_ops=on"]), run_dir=tmp_path / "run")
     built = []
@@ -84,24 +84,28 @@ def test_cosine_schedule_anneals_to_lr_min_and_resumes(compose_cfg, tmp_path):
 def test_trainval_split_trains_on_val_classes_and_keeps_the_last_model(compose_cfg, tmp_path, monkeypatch):
     """train.split=trainval: the sampler draws from train + val classes, no validation runs, and
     best.pt is the last model (what the test evaluates)."""
+    import fewshot_runner.data.sampler as sampler
+    import fewshot_runner.engine.loop as loop
     import fewshot_runner.engine.run as run
     from fewshot_runner.engine import checkpoint as ckpt
 
     seen, evaluated = [], []
-    real_sampler, real_eval = run.EpisodeSampler, run.evaluate
-    monkeypatch.setattr(run, "EpisodeSampler", lambda split, *a, **k: seen.append(split.name) or real_sampler(split, *a, **k))
-    monkeypatch.setattr(run, "evaluate", lambda algo, split, *a, **k: evaluated.append(split.name) or real_eval(algo, split, *a, **k))
+    real_sampler, real_eval = sampler.EpisodeSampler, run.evaluate
+    monkeypatch.setattr(sampler, "EpisodeSampler", lambda split, *a, **k: seen.append(split.name) or real_sampler(split, *a, **k))
+    for module in (loop, run):
+        monkeypatch.setattr(module, "evaluate", lambda algo, split, *a, **k: evaluated.append(split.name) or real_eval(algo, split, *a, **k))
     cfg = compose_cfg(["debug=smoke", "algo=protonet", "train.split=trainval", "train.val_every=2"])
     res = train(cfg, run_dir=tmp_path)
-    assert seen == ["trainval"] and evaluated == ["test"]
+    assert seen[0] == "trainval" and "val" not in seen and evaluated == ["test"]  # (then the test's episodes)
     assert res["val/best_acc"] is None and res["best_step"] == res["steps"] == 4
     assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 4
 
 
 def test_eval_overrides_test_time_adaptation(compose_cfg, tmp_path, monkeypatch):
     """`fewshot eval ... algo.eval_inner_steps=N algo.inner_lr=X` adapts MAML with those at test time;
-    a learner without them (ProtoNet) refuses them with one line."""
-    import fewshot_runner.engine.run as run
+    a learner without them (ProtoNet) refuses them with one line, and so does MAML for a key it does not
+    declare in its eval_settings."""
+    import fewshot_runner.engine.eval_checkpoint as run
     from fewshot_runner.errors import UserError
 
     train(compose_cfg(["debug=smoke", "algo=maml"]), run_dir=tmp_path / "maml")
@@ -109,20 +113,23 @@ def test_eval_overrides_test_time_adaptation(compose_cfg, tmp_path, monkeypatch)
     real = run.build_learner
     monkeypatch.setattr(run, "build_learner", lambda cfg, *a: steps.append(cfg.algo) or real(cfg, *a))
     ck = tmp_path / "maml" / "checkpoints" / "best.pt"
-    res = run.evaluate_checkpoint(compose_cfg([f"checkpoint={ck}", "algo.eval_inner_steps=7", "algo.inner_lr=0.05",
+    res = run.evaluate_checkpoint(compose_cfg([f"checkpoint={ck}", "++algo.eval_inner_steps=7", "++algo.inner_lr=0.05",
                                                "eval.n_episodes=4"], name="eval"), run_dir=tmp_path / "ev")
     assert steps[0].eval_inner_steps == 7 and steps[0].inner_lr == 0.05
     assert res["algo/eval_inner_steps"] == 7 and res["algo/inner_lr"] == 0.05
     train(compose_cfg(["debug=smoke", "algo=protonet"]), run_dir=tmp_path / "proto")
-    with pytest.raises(UserError, match="has no eval_inner_steps"):
+    with pytest.raises(UserError, match="none of its settings of the checkpoint's learner .PrototypicalNetworks"):
         run.evaluate_checkpoint(compose_cfg([f"checkpoint={tmp_path / 'proto' / 'checkpoints' / 'best.pt'}",
-                                             "algo.eval_inner_steps=3"], name="eval"), run_dir=tmp_path / "ev2")
+                                             "++algo.eval_inner_steps=3"], name="eval"), run_dir=tmp_path / "ev2")
+    with pytest.raises(UserError, match=r"may change only algo.eval_inner_steps, algo.inner_lr .*MAML"):
+        run.evaluate_checkpoint(compose_cfg([f"checkpoint={ck}", "++algo.inner_steps=3"], name="eval"),
+                                run_dir=tmp_path / "ev3")
 
 
 def test_status_lines_are_spaced_in_time_and_the_last_step_always_has_one(compose_cfg, tmp_path, monkeypatch, capsys):
     """No bar is drawn (train.progress=false): a status line at a log step once STATUS_EVERY_S has passed
     since the last one, and always at the last step."""
-    import fewshot_runner.engine.run as run
+    import fewshot_runner.engine.loop as run
 
     monkeypatch.setattr(run, "STATUS_EVERY_S", 0.0)
     train(compose_cfg(["debug=smoke", "algo=protonet", "train.steps=3"]), run_dir=tmp_path / "every")

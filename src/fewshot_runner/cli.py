@@ -267,8 +267,8 @@ def check_start(command: str, jobs: list) -> None:
     try:
         from fewshot_runner.engine.checkpoint import check_targets, load_checkpoint
         from fewshot_runner.engine.device import resolve_runtime
-        from fewshot_runner.engine.run import check_eval_run_dir
-        from fewshot_runner.engine.run import check_start as check_train_start
+        from fewshot_runner.engine.eval_checkpoint import check_eval_run_dir
+        from fewshot_runner.engine.rundir import check_start as check_train_start
 
         for cfg, run_dir in todo:
             if command == "eval":
@@ -418,7 +418,7 @@ def _task(command: str):
 
                 train(cfg)
             else:
-                from fewshot_runner.engine.run import evaluate_checkpoint
+                from fewshot_runner.engine.eval_checkpoint import evaluate_checkpoint
 
                 evaluate_checkpoint(cfg)
         except KeyboardInterrupt:

@@ -16,6 +16,21 @@ from omegaconf import MISSING
 
 # ----------------------------------------------------------------------------- data
 @dataclass
+class NormalizeConfig:
+    mean: list[float] = field(default_factory=list)  # one per channel
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class AugmentConfig:
+    """Training-only augmentation (never at validation, test or `fewshot eval`)."""
+
+    crop_padding: int = 0  # random crop of the image size after zero padding by this many pixels (0: off)
+    flip: bool = False  # random horizontal flip
+    color_jitter: float = 0.0  # brightness / contrast / saturation jitter strength (0: off)
+
+
+@dataclass
 class DataConfig:
     """Episode shape plus the data set's own keys. ``n_way/n_shot/n_query`` shape the
     validation and test episodes and, unless ``train_*`` says otherwise, training ones."""
@@ -27,6 +42,10 @@ class DataConfig:
     train_n_way: Optional[int] = None  # e.g. 60 for ProtoNet's higher-way training
     train_n_shot: Optional[int] = None  # null: n_shot
     train_n_query: Optional[int] = None  # null: n_query (MAML on Omniglot: 1, as the paper's code)
+    # the data layer's transform hook (data/transforms.py), on the device after uint8 -> float:
+    # per-channel normalisation {mean: [...], std: [...]} (null: none) and training-only augmentation
+    normalize: Optional[NormalizeConfig] = None
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
 
 
 @dataclass
@@ -85,6 +104,34 @@ class ProtoNetConfig:
     # training only: average the episode loss over the rotations of each class's shot + query images
     # between support and query (each image is the support once per n_shot), from the same embeddings
     rotate_support: bool = False
+
+
+# ----------------------------------------------------------------------------- optimizers
+# The outer optimizer (``optimizer=adam|sgd|adamw``); its learning rate is train.outer_lr, its parameter
+# groups the learner's param_groups().
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
 
 
 # ----------------------------------------------------------------------------- run level
@@ -161,6 +208,7 @@ class TrainConfig:
     data: Any = MISSING
     backbone: Any = MISSING
     algo: Any = MISSING
+    optimizer: Any = MISSING
     device: DeviceConfig = field(default_factory=DeviceConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -178,19 +226,13 @@ class EvalDataOverrides:
 
 
 @dataclass
-class EvalAlgoOverrides:
-    """Test-time adaptation settings for ``fewshot eval`` (MAML); None keeps the checkpoint's."""
-
-    eval_inner_steps: Optional[int] = None
-    inner_lr: Optional[float] = None
-
-
-@dataclass
 class EvalRunConfig:
     checkpoint: str = MISSING  # the .pt file of a trained run (e.g. outputs/DATE/TIME/checkpoints/best.pt)
     seed: int = 0  # not used by the evaluation: its episodes depend on eval.seed and the shape alone
     data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
-    algo: EvalAlgoOverrides = field(default_factory=EvalAlgoOverrides)
+    # test-time settings of the checkpoint's learner (its eval_settings, e.g. MAML's eval_inner_steps and
+    # inner_lr); any other key is refused in one line naming those the learner allows
+    algo: dict[str, Any] = field(default_factory=dict)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -207,6 +249,9 @@ def register_configs() -> None:
         ("backbone", "mlp", MLPConfig),
         ("algo", "maml", MAMLConfig),
         ("algo", "protonet", ProtoNetConfig),
+        ("optimizer", "adam", AdamConfig),
+        ("optimizer", "adamw", AdamWConfig),
+        ("optimizer", "sgd", SGDConfig),
     ]:
         cs.store(group=f"schema/{group}", name=name, node=node, package=group)
 

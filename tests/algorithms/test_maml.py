@@ -204,13 +204,13 @@ def test_batch_tasks_auto_on_cpu_and_a_bad_value_is_refused():
     large = make_episodes(n_tasks=2, n_way=5, n_shot=1, n_query=15, size=16)  # 80
     strided = MAML(_conv4(pool=False), n_way=5, feature_dim=4, batch_tasks="auto")
     maxpool = MAML(_conv4(pool=True), n_way=5, feature_dim=4, batch_tasks="auto")
-    assert strided._batched(small) == "groups" and strided._batched(large) == "off"
-    assert maxpool._batched(small) == "groups" and maxpool._batched(large) == "off"
+    assert strided.task_mode(small) == "groups" and strided.task_mode(large) == "off"
+    assert maxpool.task_mode(small) == "groups" and maxpool.task_mode(large) == "off"
     assert not strided.runs_tasks_one_by_one(small) and maxpool.runs_tasks_one_by_one(large)
     strided.batch_tasks = "off"
-    assert strided._batched(small) == "off"
+    assert strided.task_mode(small) == "off"
     maxpool.batch_tasks = "on"
-    assert maxpool._batched(large) == "on"
+    assert maxpool.task_mode(large) == "on"
     with pytest.raises(UserError, match="batch_tasks"):
         MAML(SmoothConv(), n_way=3, feature_dim=12, batch_tasks="yes")
     with pytest.raises(UserError, match="batch_tasks=groups needs a Conv4 backbone"):

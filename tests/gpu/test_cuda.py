@@ -33,7 +33,7 @@ def maml(batch_tasks, device, dtype=torch.float64):
 def test_cuda_vmapped_maml_meta_gradient_matches_the_cpu_loop_in_float64():
     eps_gpu, eps_cpu = episodes("cuda"), episodes("cpu")
     a, b = maml("off", "cpu"), maml("auto", "cuda")
-    assert b._batched(eps_gpu)
+    assert b.task_mode(eps_gpu)
     la, lb = a.meta_loss(eps_cpu)[0], b.meta_loss(eps_gpu)[0]
     ga = torch.autograd.grad(la, list(a.parameters()))
     gb = torch.autograd.grad(lb, list(b.parameters()))
@@ -53,7 +53,7 @@ def test_cuda_smoke_training_through_the_cli(tmp_path):
 def test_task_chunks_bound_cuda_memory():
     """train.task_chunk: the peak memory of a 32-task meta-batch falls with the chunk size."""
     from fewshot_runner.engine.device import Runtime
-    from fewshot_runner.engine.run import gradient_outer_step
+    from fewshot_runner.engine.outer_step import gradient_outer_step
 
     eps = episodes("cuda", n_tasks=32, dtype=torch.float32)
     peaks = []
@@ -69,7 +69,7 @@ def test_task_chunks_bound_cuda_memory():
 
 
 def _train(algo, steps, runtime, graphed=None, planner=None):
-    from fewshot_runner.engine.run import gradient_outer_step
+    from fewshot_runner.engine.outer_step import gradient_outer_step
 
     opt = torch.optim.Adam(algo.parameters(), lr=1e-2)
     for i in range(steps):
@@ -99,7 +99,7 @@ def test_memory_cap_keeps_a_cuda_step_under_it():
     """device.memory_cap_mb on CUDA: a quarter of the whole batch's peak gives chunks that stay under it."""
     from fewshot_runner.engine.device import Runtime
     from fewshot_runner.engine.memory import MB, ChunkPlanner, measure_peak
-    from fewshot_runner.engine.run import gradient_outer_step
+    from fewshot_runner.engine.outer_step import gradient_outer_step
 
     rt = Runtime(torch.device("cuda"), None, False)
     eps = episodes("cuda", n_tasks=32, dtype=torch.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewshot_runner.algorithms.base import accuracy, cross_entropy
+from fewshot_runner.algorithms.base import MetaLearner, accuracy, cross_entropy
 from fewshot_runner.episode import Episode
 
 
@@ -53,9 +53,14 @@ def rotated_logits(support_z: torch.Tensor, query_z: torch.Tensor, ep: Episode) 
     return logits, labels
 
 
-class PrototypicalNetworks(nn.Module):
+class PrototypicalNetworks(MetaLearner):
     """Embeds support and query in one pass; logits are negative squared Euclidean
-    distances to the support class means.  Works for any n_way at test time."""
+    distances to the support class means.  Works for any n_way at test time.
+
+    Its batch norm (training mode) spans every task of a batch, so ``independent_tasks`` stays False
+    (no chunks, no task threads); its backbone can be ``torch.compile``d (``device.compile=true``)."""
+
+    supports_compile = True
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, rotate_support: bool = False) -> None:
         super().__init__()
@@ -83,9 +88,6 @@ class PrototypicalNetworks(nn.Module):
 
     def predict(self, episodes: Episode) -> torch.Tensor:
         return self.logits(episodes)
-
-    def check_n_way(self, n_way: int) -> None:
-        return None
 
     def compile_for_speed(self) -> None:
         """``device.compile=true``: ``torch.compile`` the backbone in place (state-dict keys unchanged)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_runner.backbones.norm import is_transformed
+from fewshot_runner.ops.functorch import is_transformed
 
 
 class ConvBlock(nn.Module):
@@ -131,9 +131,15 @@ class Conv4(nn.Module):
         fused = _fused_available(fused_ops)
         chans = [x_shape[0], hidden, hidden, hidden, hidden]
         self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1], pool, fused) for i in range(4)])
+        self.has_max_pool = pool  # (the backbone contract: max-pool blocks make vmap slow on CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).flatten(1)
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's feature map (N, hidden, h, w), before flattening (for learners that compare
+        maps: ``feature_kind = "map"``)."""
+        return self.blocks(x)
 
     def forward_tasks(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Features of T tasks at once, each task with its own weights (MAML's adapted nets).

@@ -13,13 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def is_transformed(t: torch.Tensor | None) -> bool:
-    """True for tensors inside ``torch.func`` transforms (vmap, grad)."""
-    try:
-        return t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+from fewshot_runner.ops.functorch import is_transformed
 
 
 def batch_norm_primitive(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

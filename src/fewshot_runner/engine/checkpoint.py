@@ -36,7 +36,7 @@ TMP_SUFFIX = ".tmp"
 _PLAIN = (str, int, float, bool, type(None))
 # `fewshot eval` instantiates the saved config's `_target_`s: only these (see check_targets)
 TARGET_PREFIXES = {"data": "fewshot_runner.data.", "backbone": "fewshot_runner.backbones.",
-                   "algo": "fewshot_runner.algorithms."}
+                   "algo": "fewshot_runner.algorithms.", "optimizer": "torch.optim."}
 
 
 def _umask() -> int:
@@ -183,8 +183,8 @@ def check_targets(state: dict[str, Any], path: str | Path) -> None:
     """Refuse a checkpoint whose config would make ``fewshot eval`` instantiate foreign code.
 
     Plain data can still name code: eval instantiates the saved config's ``_target_``s. Only
-    public names of fewshot_runner's data/backbones/algorithms, at data, backbone and algo, are
-    accepted (none nested deeper, which Hydra would instantiate recursively).  Resuming does
+    public names of fewshot_runner's data/backbones/algorithms, at data, backbone and algo (and of
+    ``torch.optim`` at optimizer), are accepted (none nested deeper, which Hydra would instantiate recursively).  Resuming does
     not instantiate the saved config, so :func:`load_checkpoint` alone does not check this.
     """
     for where, target in _targets(state["config"]):

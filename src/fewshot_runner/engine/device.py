@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -63,11 +64,21 @@ def resolve_runtime(cfg) -> Runtime:
     # auto: off until measured on a GPU (no GPU has been available to this project yet: docs/speed.md)
     cap = cfg.get("memory_cap_mb")
     if cap is not None:
-        from fewshot_runner.engine.memory import parse_cap
-
         cap = parse_cap(cap)
     return Runtime(torch.device(kind), torch.bfloat16 if precision == "bf16" else None, channels_last == "on",
                    bool(cfg.compile), task_threads, graphs == "on", cap, note)
+
+
+def parse_cap(value) -> float:
+    """``device.memory_cap_mb`` as a positive, finite number of MiB, or a one-line UserError."""
+    try:
+        cap = float(value)
+    except (TypeError, ValueError):
+        cap = float("nan")
+    if not (cap > 0 and math.isfinite(cap)):
+        raise UserError(f"device.memory_cap_mb={value!r} is not a positive number of MiB; "
+                        f"use e.g. device.memory_cap_mb=8000, or null for no cap")
+    return cap
 
 
 # bf16 is chosen where its convolutions beat fp32 by this much: the probe's conv is ~70 % of a

@@ -29,9 +29,10 @@ EVAL_IMAGES_PER_FORWARD = 2048
 
 
 def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int,
-             chunk: int, runtime: Runtime) -> dict[str, float]:
+             chunk: int, runtime: Runtime, transform=None) -> dict[str, float]:
     """Accuracy of ``algo`` on ``n_episodes`` episodes fixed by ``seed``, evaluated at most ``chunk`` at a
-    time (speed and memory only); restores train mode."""
+    time (speed and memory only); restores train mode.  ``transform``: the data set's evaluation
+    transform (data/transforms.py; never random), applied to the inputs on the device."""
     was_training = algo.training
     algo.eval()
     accs = []
@@ -39,6 +40,8 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
         with torch.no_grad():
             for block in fixed_episodes(split, n_way, n_shot, n_query, n_episodes, seed):
                 block = block.to(runtime.device)  # one copy per block; the groups are views of it
+                if transform is not None:
+                    block = block.map_inputs(transform)
                 per_task = block.support_y.shape[1] + block.query_y.shape[1]
                 step = max(1, min(chunk, EVAL_IMAGES_PER_FORWARD // per_task))
                 for start in range(0, block.n_tasks, step):

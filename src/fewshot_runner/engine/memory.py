@@ -23,26 +23,14 @@ What is measured:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from fewshot_runner.engine.device import parse_cap
 from fewshot_runner.errors import UserError
 
 MB = 2**20
-
-
-def parse_cap(value) -> float:
-    """``device.memory_cap_mb`` as a positive, finite number of MiB, or a one-line UserError."""
-    try:
-        cap = float(value)
-    except (TypeError, ValueError):
-        cap = float("nan")
-    if not (cap > 0 and math.isfinite(cap)):
-        raise UserError(f"device.memory_cap_mb={value!r} is not a positive number of MiB; "
-                        f"use e.g. device.memory_cap_mb=8000, or null for no cap")
-    return cap
 
 
 def chunk_bounds(start: int, n: int, chunk: int) -> list[tuple[int, int]]:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fewshot_runner.backbones.norm import is_transformed
+from fewshot_runner.ops.functorch import is_transformed
 
 __all__ = ["bn_relu_pool", "bn_relu_pool_reference", "extension_status", "load_extension", "update_running_stats"]
 

@@ -31,7 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fewshot_runner.backbones.norm import is_transformed
+from fewshot_runner.ops.functorch import is_transformed
 _brp = importlib.import_module("fewshot_runner.ops.bn_relu_pool")  # the module (the package exports the function)
 
 __all__ = ["conv_bn_relu_pool", "conv_bn_relu_pool_reference", "stem_applies", "stem_fits"]

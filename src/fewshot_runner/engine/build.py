@@ -1,0 +1,176 @@
+"""Building a run's parts from its config: data set, learner, optimizer, schedule, runtime, loggers.
+
+Selection is only through ``_target_`` (Hydra ``instantiate``); nothing here knows any learner.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot_runner.algorithms.base import MetaLearner
+from fewshot_runner.data.base import EpisodicDataset
+from fewshot_runner.engine.device import Runtime, resolve_runtime
+from fewshot_runner.engine.messages import say
+from fewshot_runner.errors import UserError
+
+EPISODE_KEYS = ("n_way", "n_shot", "n_query", "train_n_way", "train_n_shot", "train_n_query")
+TRANSFORM_KEYS = ("normalize", "augment")  # the data layer's transform hook (data/transforms.py)
+
+
+def instantiate_node(node, **kwargs):
+    """``hydra.utils.instantiate``, re-raising a UserError from the target as itself (Hydra
+    wraps exceptions from targets in InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:
+        cause = e
+        while cause is not None:
+            if isinstance(cause, UserError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def build_dataset(data_cfg) -> EpisodicDataset:
+    """Instantiate the data set from its config, without the episode-shape and transform keys."""
+    node = OmegaConf.to_container(data_cfg, resolve=True)
+    for k in (*EPISODE_KEYS, *TRANSFORM_KEYS):
+        node.pop(k, None)
+    return instantiate_node(node)
+
+
+def build_transforms(data_cfg):
+    """(training transform, evaluation transform) of ``data.normalize`` / ``data.augment``: callables on
+    float image batches, applied on the device after the uint8 -> float conversion; None where nothing
+    is to be done (the default, and every checkpoint written before these keys)."""
+    normalize, augment = data_cfg.get("normalize"), data_cfg.get("augment")
+    if not normalize and not augment:
+        return None, None
+    from fewshot_runner.data.transforms import build_transforms as build
+
+    plain = OmegaConf.to_container(OmegaConf.create({"n": normalize, "a": augment}), resolve=True)
+    return build(plain["n"], plain["a"])
+
+
+@dataclass
+class Shape:
+    n_way: int
+    n_shot: int
+    n_query: int
+
+
+def episode_shapes(data_cfg) -> tuple[Shape, Shape]:
+    """(train shape, evaluation shape)."""
+    ev = Shape(data_cfg.n_way, data_cfg.n_shot, data_cfg.n_query)
+    tr = Shape(data_cfg.get("train_n_way") or ev.n_way, data_cfg.get("train_n_shot") or ev.n_shot,
+               data_cfg.get("train_n_query") or ev.n_query)
+    return tr, ev
+
+
+def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime) -> MetaLearner:
+    """The backbone, then the learner around it (``n_way``: the training shape's, for fixed heads), on the
+    runtime's device and memory format; ``device.compile`` applied."""
+    backbone = instantiate_node(cfg.backbone, x_shape=tuple(x_shape))
+    with torch.no_grad():
+        was = backbone.training
+        backbone.train()
+        feature_dim = int(backbone(torch.zeros(2, *x_shape)).shape[-1])
+        backbone.train(was)
+    algo = instantiate_node(cfg.algo, backbone=backbone, n_way=n_way, feature_dim=feature_dim)
+    if not isinstance(algo, MetaLearner):
+        raise UserError(f"algo._target_={cfg.algo._target_} is not a MetaLearner (fewshot_runner.algorithms.base); "
+                        f"choose a learner with algo=NAME (`fewshot list`)")
+    check_backbone(type(algo), backbone)
+    algo = algo.to(runtime.device)
+    if runtime.channels_last:
+        from fewshot_runner.backbones import use_channels_last
+
+        algo = use_channels_last(algo)
+    if runtime.compile:
+        check_compile(type(algo))
+        algo.compile_for_speed()
+    return algo
+
+
+def check_backbone(learner_cls: type[MetaLearner], backbone: torch.nn.Module) -> None:
+    """A learner that compares feature maps needs a backbone that gives them (backbones/__init__.py)."""
+    if learner_cls.feature_kind == "map" and not hasattr(backbone, "forward_map"):
+        raise UserError(f"{learner_cls.__name__} compares feature maps, which {type(backbone).__name__} does not "
+                        f"give (no forward_map); use a convolutional backbone, e.g. backbone=conv4")
+
+
+def check_compile(learner_cls: type) -> None:
+    """device.compile=true needs a learner that declares ``supports_compile`` (algorithms/base.py)."""
+    if not getattr(learner_cls, "supports_compile", False):  # (a class that is not a MetaLearner: refused too)
+        raise UserError(f"{learner_cls.__name__} does not support device.compile=true (torch.compile cannot "
+                        f"differentiate through its inner loop); use device.compile=false")
+
+
+def make_optimizer(cfg, algo: MetaLearner) -> torch.optim.Optimizer:
+    """The ``optimizer`` group's optimizer (Adam when the config has none: checkpoints from before the
+    group) over the learner's ``param_groups()``, at ``train.outer_lr``."""
+    node = cfg.get("optimizer")
+    node = OmegaConf.to_container(node, resolve=True) if node is not None else {"_target_": "torch.optim.Adam"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in node.items() if k != "_target_"}
+    factory = instantiate_node({"_target_": node["_target_"], "_partial_": True})
+    return factory(algo.param_groups(), lr=cfg.train.outer_lr, **kwargs)  # (plain Python values, never OmegaConf's)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
+    """The outer learning-rate schedule of ``train.lr_schedule`` (None: a constant rate)."""
+    if train_cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train_cfg.steps,
+                                                          eta_min=train_cfg.outer_lr * train_cfg.lr_min)
+    if train_cfg.lr_decay_every:
+        return torch.optim.lr_scheduler.StepLR(optimizer, train_cfg.lr_decay_every, train_cfg.lr_decay)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (a resume restores all three)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_runtime(device_cfg: DictConfig) -> Runtime:
+    """The runtime of a train or eval run, saying what ``device.precision=auto`` chose."""
+    runtime = resolve_runtime(device_cfg)
+    if runtime.precision_note:
+        say(f"device.precision=auto: {runtime.precision_note}")
+    return runtime
+
+
+def make_run_logger(logger_cfg: DictConfig, run_dir: Path, truncate_after_step: int):
+    """The run's loggers from the ``logger`` group (train and eval alike)."""
+    from fewshot_runner.loggers import make_logger
+
+    return make_logger(logger_cfg.kind, run_dir, project_name=logger_cfg.get("project_name"),
+                       workspace=logger_cfg.get("workspace"), experiment_name=logger_cfg.get("experiment_name"),
+                       tags=list(logger_cfg.get("tags") or []), truncate_after_step=truncate_after_step)
+
+
+def close_logger(logger) -> list[str]:
+    try:
+        return logger.close()
+    except Exception as e:  # noqa: BLE001 - closing must not hide the error that stopped the run
+        return [f"warning: closing the loggers failed ({type(e).__name__}: {e})"]

@@ -1,0 +1,153 @@
+"""``fewshot eval``: re-test a saved model on fixed episodes, with the device settings given to it."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot_runner import __version__
+from fewshot_runner.algorithms.base import MetaLearner
+from fewshot_runner.data.sampler import check_episode_shape
+from fewshot_runner.engine import checkpoint as ckpt
+from fewshot_runner.engine.build import (build_dataset, build_learner, build_transforms, close_logger, episode_shapes,
+                                         make_run_logger, run_runtime)
+from fewshot_runner.engine.console import console, results_table
+from fewshot_runner.engine.ema import eval_weights
+from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.messages import say, write_json
+from fewshot_runner.engine.rundir import make_run_dir
+from fewshot_runner.errors import CheckpointError, UserError
+
+
+def with_device(saved: DictConfig, device: DictConfig) -> DictConfig:
+    """A saved (resolved) run config set to run on ``device``: its ``device`` node is replaced, and so is
+    every backbone/algo key that was an interpolation of a device key (``backbone.fused_ops``,
+    ``algo.batch_tasks``: same name), so ``fewshot eval ... device.fused_ops=off`` takes effect."""
+    saved = saved.copy()
+    saved.device = OmegaConf.create(OmegaConf.to_container(device, resolve=True))
+    for group in ("backbone", "algo"):
+        node = saved.get(group)
+        for key in list(node.keys()) if node is not None else []:
+            if key in saved.device and key != "_target_":
+                node[key] = saved.device[key]
+    return saved
+
+
+def check_eval_run_dir(run_dir: Path) -> None:
+    """`fewshot eval` writes results.json and a fresh metrics.jsonl: refuse a folder holding a run's."""
+    held = [f for f in ("results.json", "metrics.jsonl", "checkpoints/last.pt") if (Path(run_dir) / f).exists()]
+    if held:
+        raise UserError(f"{run_dir} already holds a run ({held[0]}); give `fewshot eval` a new hydra.run.dir "
+                        f"(its default is a fresh outputs/eval/<date>/<time>)")
+
+
+@contextmanager
+def _built_from(path: str | Path, state: dict):
+    """Building a checkpoint's saved config: a setting this version's classes do not take (a checkpoint
+    of another fewshot version, or of a build with an option since removed) is one CheckpointError."""
+    from hydra.errors import InstantiationException
+
+    try:
+        yield
+    except InstantiationException as e:  # Hydra's wrapper of the target's own error
+        if not isinstance(e.__cause__, TypeError):  # not a signature mismatch: not this error
+            raise
+        why = str(e.__cause__).splitlines()[0][:160] if str(e.__cause__) else "TypeError"
+        raise CheckpointError(f"checkpoint {path} holds settings this fewshot ({__version__}) cannot build "
+                              f"({why}); it was written by fewshot {state.get('package_version', '?')} "
+                              f"with other options: evaluate it with the version (commit) that wrote it") from None
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Re-test a saved model on ``cfg.eval.n_episodes`` episodes of ``cfg.eval.split``."""
+    state = ckpt.load_checkpoint(cfg.checkpoint)
+    ckpt.check_targets(state, cfg.checkpoint)  # its config is instantiated below
+    run_dir = make_run_dir(run_dir)
+    check_eval_run_dir(run_dir)
+    saved = with_device(OmegaConf.create(state["config"]), cfg.device)
+    for k in ("n_way", "n_shot", "n_query", "root"):
+        v = cfg.data.get(k)
+        if v is not None:
+            OmegaConf.update(saved, f"data.{k}", v, force_add=True)
+    apply_eval_settings(saved, cfg.get("algo") or {})
+    runtime = run_runtime(cfg.device)
+    with _built_from(cfg.checkpoint, state):
+        dataset = build_dataset(saved.data)
+    tr, ev = episode_shapes(saved.data)
+    split = dataset.split(cfg.eval.split)
+    check_episode_shape(split, ev.n_way, ev.n_shot, ev.n_query)
+    train_n_way = state["config"]["data"].get("train_n_way") or state["config"]["data"]["n_way"]
+    with _built_from(cfg.checkpoint, state):
+        algo = build_learner(saved, dataset.x_shape, train_n_way, runtime)
+    try:
+        algo.load_state_dict(eval_weights(state))
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not match its own config's model "
+                              f"({str(e).splitlines()[0]}); it may come from another version of fewshot") from None
+    algo.check_n_way(ev.n_way)
+    _, eval_tf = build_transforms(saved.data)
+    test = evaluate(algo, split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
+                    cfg.eval.chunk, runtime, transform=eval_tf)
+    results = {"test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
+               "test/split": cfg.eval.split, "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
+               **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
+               "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision}
+    write_json(run_dir / "results.json", results)
+    messages = _log_eval(cfg, run_dir, saved, results)
+    console.print(results_table(
+        f"eval {Path(cfg.checkpoint).name}: {ev.n_way}-way {ev.n_shot}-shot, {cfg.eval.split}",
+        [("acc", f"{100 * test['acc']:.2f} % ± {100 * test['ci95']:.2f}"), ("episodes", str(test["n_episodes"])),
+         ("run dir", str(run_dir))]))
+    for m in messages:
+        say(m)
+    return results
+
+
+def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any]) -> list[str]:
+    """``logger=`` for ``fewshot eval`` (default none: metrics.jsonl only): the eval settings and the
+    checkpoint's training config as parameters, the results as metrics at the checkpoint's step."""
+    logger = make_run_logger(cfg.logger, run_dir, truncate_after_step=0)  # a fresh run dir (evaluate_checkpoint)
+    try:
+        logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
+                           "trained": OmegaConf.to_container(saved, resolve=True)})
+        logger.log_metrics({k: v for k, v in results.items() if k in ("test/acc", "test/ci95", "test/n_episodes")},
+                           results["step"])
+        logger.log_other("checkpoint", results["checkpoint"])
+    finally:
+        messages = close_logger(logger)
+    return messages
+
+def learner_class(algo_cfg) -> type:
+    """The learner class a (checked) ``algo`` config names, without building it."""
+    import importlib
+
+    module, _, name = str(algo_cfg._target_).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"algo._target_={algo_cfg._target_} cannot be imported ({type(e).__name__}); "
+                        f"choose a learner with algo=NAME (`fewshot list`)") from None
+
+
+def apply_eval_settings(saved: DictConfig, overrides) -> None:
+    """``fewshot eval algo.KEY=VALUE``: only the keys the learner declares in ``eval_settings`` (its
+    test-time adaptation) may change; the value takes the type of the saved one."""
+    given = {k: v for k, v in dict(overrides).items() if v is not None}
+    if not given:
+        return
+    cls = learner_class(saved.algo)
+    allowed = cls.eval_settings if isinstance(cls, type) and issubclass(cls, MetaLearner) else ()
+    for k, v in given.items():
+        if k not in allowed or k not in saved.algo:
+            can = f"only {', '.join('algo.' + a for a in allowed)}" if allowed else "none of its settings"
+            raise UserError(f"algo.{k}={v}: `fewshot eval` may change {can} of the checkpoint's learner "
+                            f"({cls.__name__}); leave algo.{k} out")
+        was = saved.algo[k]
+        try:
+            value = type(was)(v) if isinstance(was, (int, float)) and not isinstance(was, bool) else v
+        except (TypeError, ValueError):
+            raise UserError(f"algo.{k}={v!r} is not a valid {type(was).__name__}") from None
+        OmegaConf.update(saved, f"algo.{k}", value)
