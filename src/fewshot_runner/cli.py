@@ -304,7 +304,7 @@ def check_values(command: str, cfg) -> None:
     """Cheap checks of values a schema cannot express."""
     choices = {"device.type": ("auto", "cpu", "cuda"), "device.precision": ("fp32", "bf16", "auto"),
                "device.fused_ops": ("auto", "on", "off"), "device.batch_tasks": ("auto", "on", "groups", "off"),
-               "logger.kind": ("auto", "comet", "comet_offline", "none"), "eval.split": ("train", "val", "test")}
+               "eval.split": ("train", "val", "test")}
     if command == "train":
         choices["train.on_nan"] = ("stop", "skip")
         choices["train.lr_schedule"] = ("step", "cosine")
@@ -315,6 +315,11 @@ def check_values(command: str, cfg) -> None:
         v = OmegaConf.select(cfg, key)
         if v is not None and v not in allowed:
             fail(f"{key}={v} is not one of: {', '.join(allowed)}")
+    from fewshot_runner.loggers import check_kind  # (cheap: no comet_ml import)
+
+    msg = check_kind(OmegaConf.select(cfg, "logger.kind"))
+    if msg:
+        fail(msg)
     positive = ["eval.n_episodes", "eval.chunk"]
     if command == "train":
         positive += ["train.steps", "train.meta_batch_size", "train.val_every", "train.val_episodes",

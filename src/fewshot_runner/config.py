@@ -46,6 +46,9 @@ class DataConfig:
     # per-channel normalisation {mean: [...], std: [...]} (null: none) and training-only augmentation
     normalize: Optional[NormalizeConfig] = None
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
+    # DataLoader worker processes that gather training batches ahead (0: none); the batches are the same,
+    # for data read lazily from disk (data/store.py, data/loader.py)
+    workers: int = 0
 
 
 @dataclass
@@ -204,6 +207,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0  # seeds the weights and the training episodes
+    print_config: bool = False  # print the resolved config as a tree (each group's choice) before the run
     resume: Optional[str] = None  # PATH or "auto"
     data: Any = MISSING
     backbone: Any = MISSING

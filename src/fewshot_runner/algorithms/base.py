@@ -105,6 +105,11 @@ class MetaLearner(nn.Module):
         derivative-order annealing).  The default records them as ``progress_step`` / ``progress_total``."""
         self.progress_step, self.progress_total = int(step), int(total)
 
+    def execution_notes(self, task_threads: int) -> dict[str, str]:
+        """What the start-of-run banner says about how this learner runs a batch, by label (e.g.
+        ``{"task execution": "..."}``); ``task_threads``: the resolved ``device.task_threads``."""
+        return {"task execution": "one forward and backward over the whole batch"}
+
     def runs_tasks_one_by_one(self, episodes: Episode) -> bool:
         """Whether this batch's tasks run one after another (then, with ``independent_tasks``, the engine
         may spread them over task threads on the CPU).  False for learners that batch their tasks."""

@@ -52,6 +52,12 @@ def task_mode(batch_tasks: str, backbone: nn.Module, episodes: Episode) -> str:
     per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
     if per_task > CPU_BATCHED_MAX_IMAGES:
         return "off"
+    return cpu_small_task_mode(backbone)
+
+
+def cpu_small_task_mode(backbone: nn.Module) -> str:
+    """``auto``'s choice on CPU for small tasks: grouped convolutions where the backbone has
+    ``forward_tasks``, else vmap unless it has max-pool blocks (then the loop)."""
     if hasattr(backbone, "forward_tasks"):
         return "groups"
     return "off" if getattr(backbone, "has_max_pool", False) else "on"
@@ -118,6 +124,17 @@ class GradientLearner(MetaLearner):
 
     def runs_tasks_one_by_one(self, episodes: Episode) -> bool:
         return self.task_mode(episodes) == "off"
+
+    def execution_notes(self, task_threads: int) -> dict[str, str]:
+        loop = f"the per-task loop in {task_threads} task threads" if task_threads > 1 else "the per-task loop"
+        modes = {"off": loop, "on": "all tasks at once under torch.func.vmap",
+                 "groups": "all tasks at once as grouped convolutions"}
+        if self.batch_tasks != "auto":
+            return {"task execution": f"device.batch_tasks={self.batch_tasks}: {modes[self.batch_tasks]}"}
+        small = {"groups": "grouped convolutions", "on": "vmap", "off": "the per-task loop"}[
+            cpu_small_task_mode(self.net[0])]
+        return {"task execution": f"auto: on CPU {small} for tasks of <= {CPU_BATCHED_MAX_IMAGES} images, "
+                                  f"else {loop}; vmap on CUDA (chosen per batch)"}
 
     def _adapt_all(self, mode: str, params: Params, episodes: Episode, steps: int, create_graph: bool):
         adapt_fn = adapt_grouped if mode == "groups" else adapt_batched

@@ -5,7 +5,6 @@ Selection is only through ``_target_`` (Hydra ``instantiate``); nothing here kno
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fewshot_runner.errors import UserError
 
 EPISODE_KEYS = ("n_way", "n_shot", "n_query", "train_n_way", "train_n_shot", "train_n_query")
 TRANSFORM_KEYS = ("normalize", "augment")  # the data layer's transform hook (data/transforms.py)
+LOADER_KEYS = ("workers",)  # the prefetching loader (data/loader.py)
 
 
 def instantiate_node(node, **kwargs):
@@ -40,7 +40,7 @@ def instantiate_node(node, **kwargs):
 def build_dataset(data_cfg) -> EpisodicDataset:
     """Instantiate the data set from its config, without the episode-shape and transform keys."""
     node = OmegaConf.to_container(data_cfg, resolve=True)
-    for k in (*EPISODE_KEYS, *TRANSFORM_KEYS):
+    for k in (*EPISODE_KEYS, *TRANSFORM_KEYS, *LOADER_KEYS):
         node.pop(k, None)
     return instantiate_node(node)
 
@@ -56,6 +56,17 @@ def build_transforms(data_cfg):
 
     plain = OmegaConf.to_container(OmegaConf.create({"n": normalize, "a": augment}), resolve=True)
     return build(plain["n"], plain["a"])
+
+
+def prefetched(source, data_cfg, runtime: Runtime):
+    """The learner's batch source, gathered ahead in ``data.workers`` DataLoader workers when set (the same
+    batches, and the same checkpointed state: data/loader.py)."""
+    workers = int(data_cfg.get("workers") or 0)
+    if workers < 1:
+        return source
+    from fewshot_runner.data.loader import PrefetchingLoader
+
+    return PrefetchingLoader(source, num_workers=workers, pin_memory=runtime.device.type == "cuda")
 
 
 @dataclass
@@ -143,15 +154,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_runtime(device_cfg: DictConfig) -> Runtime:
     """The runtime of a train or eval run, saying what ``device.precision=auto`` chose."""
     runtime = resolve_runtime(device_cfg)
@@ -160,13 +162,15 @@ def run_runtime(device_cfg: DictConfig) -> Runtime:
     return runtime
 
 
-def make_run_logger(logger_cfg: DictConfig, run_dir: Path, truncate_after_step: int):
-    """The run's loggers from the ``logger`` group (train and eval alike)."""
-    from fewshot_runner.loggers import make_logger
+def make_run_logger(cfg: DictConfig, run_dir: Path, truncate_after_step: int, job: str = "train", described=None):
+    """The run's loggers from its ``logger`` group (train and eval alike), named and tagged from the run's
+    config (``described``: the checkpoint's training config, for ``fewshot eval``), with the run info
+    (host, versions, git, command line) logged at once (loggers/runinfo.py)."""
+    from fewshot_runner.loggers import make_run_logger as make
 
-    return make_logger(logger_cfg.kind, run_dir, project_name=logger_cfg.get("project_name"),
-                       workspace=logger_cfg.get("workspace"), experiment_name=logger_cfg.get("experiment_name"),
-                       tags=list(logger_cfg.get("tags") or []), truncate_after_step=truncate_after_step)
+    plain = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
+    return make(plain(cfg), run_dir, truncate_after_step=truncate_after_step, job=job,
+                described=plain(described) if described is not None else None)
 
 
 def close_logger(logger) -> list[str]:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -188,7 +188,7 @@ def _bar(enabled: bool) -> Progress | None:
 
 @contextmanager
 def training_progress(total: int, start: int = 0, enabled: bool = True, elapsed_before: float = 0.0,
-                      estimate: bool = True) -> Iterator[TrainProgress]:
+                      estimate: bool = True, status_every_s: float = STATUS_EVERY_S) -> Iterator[TrainProgress]:
     """The progress of a training run from step ``start`` to ``total``. In a terminal with ``enabled``
     (``train.progress``): a bar, redrawn twice a second. Otherwise (a pipe, a SLURM log,
     ``train.progress=false``): a plain status line at most every 30 s and at the last step.
@@ -196,21 +196,10 @@ def training_progress(total: int, start: int = 0, enabled: bool = True, elapsed_
     estimated wall time once, after the first few steps (:func:`~fewshot_runner.engine.banner.print_estimate`)."""
     bar = _bar(enabled)
     if bar is None:
-        yield TrainProgress(total, start, None, elapsed_before, estimate=estimate)
+        yield TrainProgress(total, start, None, elapsed_before, status_every_s, estimate=estimate)
         return
     with bar:
-        yield TrainProgress(total, start, bar, elapsed_before, estimate=estimate)
-
-
-def progress_bar(enabled: bool) -> Progress:
-    """The former bar (rich's own speed window). Kept until the training loop moves to
-    :func:`training_progress`; then remove."""
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not enabled,
-        transient=False,
-    )
+        yield TrainProgress(total, start, bar, elapsed_before, status_every_s, estimate=estimate)
 
 
 def results_table(title: str, rows: list[tuple[str, str]]) -> Table:

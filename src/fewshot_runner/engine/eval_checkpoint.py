@@ -109,7 +109,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
 def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any]) -> list[str]:
     """``logger=`` for ``fewshot eval`` (default none: metrics.jsonl only): the eval settings and the
     checkpoint's training config as parameters, the results as metrics at the checkpoint's step."""
-    logger = make_run_logger(cfg.logger, run_dir, truncate_after_step=0)  # a fresh run dir (evaluate_checkpoint)
+    logger = make_run_logger(cfg, run_dir, truncate_after_step=0, job="eval", described=saved)  # a fresh run dir (evaluate_checkpoint)
     try:
         logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
                            "trained": OmegaConf.to_container(saved, resolve=True)})

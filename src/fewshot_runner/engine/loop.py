@@ -21,14 +21,14 @@ from fewshot_runner.algorithms.base import MetaLearner
 from fewshot_runner.data.base import ClassSplit
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.build import Shape
-from fewshot_runner.engine.console import console, progress_bar
+from fewshot_runner.engine.console import training_progress
 from fewshot_runner.engine.device import Runtime
 from fewshot_runner.engine.ema import WeightAverage
 from fewshot_runner.engine.evaluate import evaluate
 from fewshot_runner.engine.faults import FaultPlan, poisoned
 from fewshot_runner.engine.graphs import GraphedStep
 from fewshot_runner.engine.memory import ChunkPlanner
-from fewshot_runner.engine.messages import clock, say
+from fewshot_runner.engine.messages import say
 from fewshot_runner.engine.outer_step import gradient_outer_step
 from fewshot_runner.engine.signals import Interrupted, StopFlag
 from fewshot_runner.errors import UserError
@@ -179,13 +179,10 @@ class TrainingRun:
         cfg, algo = self.cfg, self.algo
         skip_nan = cfg.train.on_nan == "skip"
         algo.train()
-        # Where the bar is not drawn (a pipe, a SLURM log, train.progress=false), plain status lines
-        # say how the run goes, at most one every STATUS_EVERY_S seconds and at the last step.
-        plain = not (cfg.train.progress and console.is_terminal)
-        with progress_bar(cfg.train.progress) as bar:
-            task = bar.add_task("train", total=cfg.train.steps, completed=self.step, stats="")
-            t_last, s_last = time.time(), self.step
-            t_said = t_last
+        # In a terminal a bar; where it is not drawn (a pipe, a SLURM log, train.progress=false), plain
+        # status lines, at most one every STATUS_EVERY_S seconds and at the last step (engine/console.py).
+        with training_progress(cfg.train.steps, start=self.step, enabled=cfg.train.progress,
+                               elapsed_before=self.wall_before, status_every_s=STATUS_EVERY_S) as progress:
             while self.step < cfg.train.steps:
                 batch = self.next_batch()
                 buffers = [b.detach().clone() for b in algo.buffers()] if skip_nan else []
@@ -204,20 +201,12 @@ class TrainingRun:
                     if math.isfinite(v):
                         self.window.setdefault(k, []).append(v)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    now = time.time()
-                    sps = (step - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, step
                     logged = {f"train/{k}": sum(v) / len(v) for k, v in self.window.items() if v}
                     logged["train/lr"] = self.optimizer.param_groups[0]["lr"]
                     self.window.clear()
                     self.logger.log_metrics(logged, step)
-                    stats = (f"loss {logged.get('train/loss', float('nan')):.3f} "
-                             f"acc {logged.get('train/acc', float('nan')):.3f} {sps:.2f} it/s")
-                    bar.update(task, completed=step, stats=stats)
-                    if plain and (now - t_said >= STATUS_EVERY_S or step == cfg.train.steps):
-                        say(f"step {step}/{cfg.train.steps}  {stats}  lr {logged['train/lr']:.3g}  "
-                            f"{clock(self.wall_before + now - self.t_start)}")
-                        t_said = now
+                    progress.update(step, logged, lr=logged["train/lr"],
+                                    best_val=self.best_acc if self.validate else None)
                 if self.validate and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
                     self.run_validation()
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
 
 
-def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, task_chunk: int | None,
+def gradient_outer_step(algo, optimizer, episodes: Episode | Any, runtime: Runtime, task_chunk: int | None,
                         grad_clip: float | None, planner: ChunkPlanner | None = None,
                         graphed: GraphedStep | None = None) -> dict[str, float]:
     """Zero grads, accumulate the meta-gradient over task chunks, step.
@@ -27,10 +28,13 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
     then 2, then the rest).  ``graphed`` (``device.cuda_graphs``, once the chunks are known): the
     forward and backward of every chunk replayed as one CUDA graph.
 
+    ``episodes``: a batch of episodes, or another batch a learner's ``batch_source`` gives (class-labelled
+    images, pairs): such a batch is one unit, never split into chunks or threads.
+
     Returns the metrics averaged over tasks (and ``peak_mem_mb`` where measured).  A non-finite
     loss skips the update and is reported by the caller (metrics["loss"] is then nan/inf).
     """
-    n = episodes.n_tasks
+    n = episodes.n_tasks if isinstance(episodes, Episode) else 1
     bounds = planner.bounds(n) if planner is not None else chunk_bounds(0, n, task_chunk or n)
     out = graphed.run(episodes, bounds) if graphed is not None and bounds is not None else None
     if out is not None:  # (no zero_grad: the replay overwrites the captured .grad tensors, see graphs.py)
@@ -48,8 +52,8 @@ def gradient_outer_step(algo, optimizer, episodes: Episode, runtime: Runtime, ta
     i = 0
     while i < len(bounds):
         s, e = bounds[i]
-        part = episodes.tasks(s, e)
-        w = part.n_tasks / n
+        part = episodes if (s, e) == (0, n) else episodes.tasks(s, e)
+        w = (e - s) / n
         with measure_peak(runtime.device) if measure else contextlib.nullcontext([0]) as peak:
             if threads > 1 and not planning_step:  # (the CPU probe counts this thread's saved tensors)
                 metrics = threaded_backward(algo, part, runtime, threads, w)

@@ -30,7 +30,7 @@ from fewshot_runner import __version__
 from fewshot_runner.data.sampler import check_episode_shape
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.build import (build_dataset, build_learner, build_transforms, close_logger, episode_shapes,
-                                         git_commit, make_optimizer, make_run_logger, make_scheduler, run_runtime,
+                                         make_optimizer, make_run_logger, make_scheduler, prefetched, run_runtime,
                                          seed_everything)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import WeightAverage, eval_weights
@@ -50,6 +50,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     SIGINT/SIGTERM are caught for the whole run: training stops after the current step with a
     checkpoint (exit code 130/143 through ``SystemExit``).
     """
+    if cfg.get("print_config"):
+        from fewshot_runner.engine.banner import print_config_tree
+
+        print_config_tree(cfg)
     stop = StopFlag()
     with stop.installed():
         return _train(cfg, run_dir, stop)
@@ -78,6 +82,10 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[
         for m in close_logger(run.logger):
             say(m)
         raise
+    finally:
+        close = getattr(run.source, "close", None)  # (a prefetching loader's workers)
+        if close is not None:
+            close()
     report(run, results)
     return results
 
@@ -104,8 +112,10 @@ def setup(cfg: DictConfig, run_dir: Path, stop: StopFlag, t_start: float, faults
     optimizer = make_optimizer(cfg, algo)
     scheduler = make_scheduler(optimizer, cfg.train)
     average = WeightAverage(algo, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    source = algo.batch_source(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1)
+    source = prefetched(algo.batch_source(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1),
+                        cfg.data, runtime)
     planner, graphed = step_helpers(algo, runtime, cfg.train)
+    _banner(cfg, run_dir, runtime, algo)
 
     run = TrainingRun(cfg=cfg, run_dir=run_dir, runtime=runtime, algo=algo, optimizer=optimizer, scheduler=scheduler,
                       average=average, source=source, val_split=val_split, eval_shape=ev, train_transform=train_tf,
@@ -130,17 +140,30 @@ def setup(cfg: DictConfig, run_dir: Path, stop: StopFlag, t_start: float, faults
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
     ckpt.atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     # a fresh run cuts metrics.jsonl to nothing, a resumed one back to its checkpoint's step
-    run.logger = make_run_logger(cfg.logger, run_dir, truncate_after_step=run.step)
+    run.logger = make_run_logger(cfg, run_dir, truncate_after_step=run.step)
     return run, test_split
+
+
+def _banner(cfg: DictConfig, run_dir: Path, runtime, algo) -> None:
+    """The start-of-run banner: what runs, where, and what the ``auto`` settings chose."""
+    from fewshot_runner.engine.banner import print_banner
+    from fewshot_runner.loggers import describe_kind
+
+    auto = dict(algo.execution_notes(runtime.task_threads))
+    fused = cfg.backbone.get("fused_ops")
+    if fused is not None:
+        auto["fused ops"] = (f"{fused}: C++ BN+ReLU+max-pool kernels where a compiler builds them (CPU, fp32/64)"
+                             if fused != "off" and runtime.device.type == "cpu" else f"{fused}: off")
+    print_banner(OmegaConf.to_container(cfg, resolve=True), run_dir, runtime,
+                 n_params=sum(p.numel() for p in algo.parameters()),
+                 logger_where=describe_kind(cfg.logger.kind, run_dir), auto=auto)
 
 
 def start(run: TrainingRun) -> None:
     """What comes between building and the first step: parameters to the loggers, then the RNGs of a
     resumed run (last: anything drawing from them before, importing comet_ml included, would shift them)."""
     run.logger.log_params(run.config_plain)
-    commit = git_commit()
-    if commit:
-        run.logger.log_other("git_commit", commit)
+    run.logger.log_asset(run.run_dir / "config.yaml")
     if run.stop:
         raise Interrupted(f"stopped by {run.stop.name} before step {run.step + 1}; nothing new to save")
     if run.resume_state is not None:
@@ -173,6 +196,8 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
     if curves:
         run.logger.log_image(curves, "curves")
     write_json(run.run_dir / "results.json", results)
+    run.logger.log_asset(run.run_dir / "results.json")
+    run.logger.log_model("best", best_path)  # (uploaded only with logger.log_model=true)
     return results
 
 

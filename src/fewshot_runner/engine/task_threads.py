@@ -25,8 +25,10 @@ _replicas: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyD
 def task_threads_for(algo, episodes: Episode, runtime: Runtime) -> int:
     """How many task threads this step uses: 1 unless the learner's tasks are independent
     (``independent_tasks``), it runs them one by one (``runs_tasks_one_by_one``: not batched), on CPU."""
+    if not algo.independent_tasks or runtime.device.type != "cpu" or not isinstance(episodes, Episode):
+        return 1
     k = min(runtime.task_threads, episodes.n_tasks)
-    if k <= 1 or runtime.device.type != "cpu" or not algo.independent_tasks:
+    if k <= 1:
         return 1
     return k if algo.runs_tasks_one_by_one(episodes) else 1
 
