@@ -99,3 +99,90 @@ def test_replicas_follow_settings_changed_on_the_learner():
     ref, _ = step_grads(algo, eps, 1)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+class ReverseCompletionPool:
+    """The task pool, except that group i may finish only once group i+1 has: the groups complete in
+    the reverse of their order on every run, so a sum taken in completion order differs from the one in
+    group order every time, not only when the scheduler happens to reorder them."""
+
+    def __init__(self, k: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.k = k
+        self.inner = ThreadPoolExecutor(max_workers=k, initializer=torch.set_num_threads, initargs=(1,))
+        self.finished: list = []
+        self.submitted = 0
+
+    def submit(self, fn, *args):
+        import threading
+
+        i = self.submitted % self.k  # (every group of a step is submitted: n_tasks >= k here)
+        self.submitted += 1
+        if i == 0:
+            self.finished = [threading.Event() for _ in range(self.k)]
+        later = self.finished[i + 1] if i + 1 < self.k else None
+
+        def gated():
+            if later is not None:
+                assert later.wait(timeout=120), "the later group never finished"
+            return fn(*args)
+
+        fut = self.inner.submit(gated)
+        fut.add_done_callback(lambda _f, e=self.finished[i]: e.set())  # after the future is marked done
+        return fut
+
+
+def group_gradients(algo, eps, k):
+    """Each contiguous group's gradient (the task-thread split of n tasks into k), computed alone on
+    this thread with one intra-op thread, as a worker computes it."""
+    params = [p for p in algo.parameters() if p.requires_grad]
+    n = eps.n_tasks
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for i in range(k):
+            group = eps.tasks(bounds[i], bounds[i + 1])
+            loss, _ = algo.meta_loss(group)
+            out.append(torch.autograd.grad(loss * (1.0 * (group.n_tasks / n)), params))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def summed(grads_per_group):
+    total = list(grads_per_group[0])
+    for grads in grads_per_group[1:]:
+        total = [t + g for t, g in zip(total, grads)]
+    return total
+
+
+@pytest.mark.parametrize("threads,pool", [(3, "threads"), (4, "threads"), (4, "reverse completion")])
+def test_task_thread_gradients_are_summed_in_group_order_bitwise(threads, pool, monkeypatch):
+    """fp32, 8 tasks over 3-4 threads: the meta-gradient is, bit for bit, the groups' gradients added
+    in group order (with 2 groups any order gives the same bits; from 3 on the order shows).  The
+    reverse-completion pool makes the groups finish last-first on every run."""
+    from fewshot_runner.engine import task_threads
+
+    eps = episodes(n_tasks=8, dtype=torch.float32)
+    algo = maml(torch.float32)
+    in_order = summed(group_gradients(algo, eps, threads))
+    reversed_order = summed(group_gradients(algo, eps, threads)[::-1])
+    assert any(not torch.equal(a, b) for a, b in zip(in_order, reversed_order)), \
+        "these tasks do not tell the summation orders apart; the test would prove nothing"
+    if pool == "reverse completion":
+        gated = ReverseCompletionPool(threads)
+        monkeypatch.setitem(task_threads._task_pool, threads, gated)
+    try:
+        rt = Runtime(torch.device("cpu"), None, False, task_threads=threads)
+        assert task_threads_for(algo, eps, rt) == threads
+        got, _ = step_grads(algo, eps, threads)
+    finally:
+        if pool == "reverse completion":
+            gated.inner.shutdown(wait=True)
+    for i, (a, b) in enumerate(zip(got, in_order)):
+        same = torch.equal(a, b)
+        assert same, (f"parameter {i}: the threaded meta-gradient is not the group-order sum "
+                                   f"(max diff {float((a - b).abs().max()):.3g})")
