@@ -4,8 +4,8 @@ after the first steps, and the resolved config as a tree.
 * :func:`print_banner`: algorithm, data and episode shape, backbone and parameter count, device and
   what ``auto`` chose (precision, fused ops, task execution...), steps, run dir, logger and where it
   writes.  Call it as soon as the model and runtime are built, before the first step.
-* :func:`print_estimate`: the whole run's wall time from the first steps' speed
-  (:func:`~fewshot_runner.engine.console.training_progress` calls it once by itself).
+* :func:`print_estimate` (in engine/console.py, re-exported): the whole run's wall time from the first
+  steps' speed (:func:`~fewshot_runner.engine.console.training_progress` calls it once by itself).
 * :func:`print_config_tree`: the resolved config as a rich tree, each group with the option chosen.
 
 Two ways to see a config without running (documented for users):
@@ -18,7 +18,6 @@ Two ways to see a config without running (documented for users):
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from fewshot_runner.engine.console import clock, console
+from fewshot_runner.engine.console import clock, console, estimate_text, print_estimate  # noqa: F401  (re-exported)
 
 _SKIP_KEYS = ("_target_",)
 
@@ -146,31 +145,6 @@ def print_banner(cfg: Mapping[str, Any], run_dir: str | Path, runtime: Any = Non
         grid.add_row(k, v)
     console.print(Text(title, style="bold"))
     console.print(grid)
-
-
-def estimate_text(steps_done: int, total: int, seconds: float, step_now: int | None = None,
-                  elapsed: float | None = None, now: _dt.datetime | None = None) -> str:
-    """``estimated wall time: 1:12:05 for 10,000 steps (0.43 s/step over the first 20; ...), ends around
-    21:26``. ``steps_done`` steps took ``seconds``; ``total``: the run's steps; ``step_now``: the step
-    reached (default ``steps_done``); ``elapsed``: the run's wall time so far (default ``seconds``)."""
-    if steps_done <= 0 or seconds <= 0:
-        return "estimated wall time: unknown yet"
-    per_step = seconds / steps_done
-    step_now = steps_done if step_now is None else step_now
-    left = max(0, total - step_now) * per_step
-    whole = (seconds if elapsed is None else elapsed) + left
-    now = now or _dt.datetime.now()
-    end = now + _dt.timedelta(seconds=left)
-    return (f"estimated wall time: {clock(whole)} for {total:,} steps ({per_step:.3g} s/step over the first "
-            f"{steps_done}; validation and the final test come on top), ends around {end:%H:%M}"
-            + (f" on {end:%Y-%m-%d}" if end.date() != now.date() else ""))
-
-
-def print_estimate(steps_done: int, total: int, seconds: float, step_now: int | None = None,
-                   elapsed: float | None = None) -> None:
-    """One line: the whole run's estimated wall time (see :func:`estimate_text`)."""
-    console.print(estimate_text(steps_done, total, seconds, step_now, elapsed), markup=False, highlight=False,
-                  soft_wrap=True)
 
 
 def config_tree(cfg: Any, choices: Mapping[str, str] | None = None) -> Tree:

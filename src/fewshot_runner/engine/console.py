@@ -14,6 +14,8 @@ the ETA does not jump; accuracies are shown in % like validation's.
 
 from __future__ import annotations
 
+import datetime as _dt
+
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -169,10 +171,34 @@ class TrainProgress:
             self._estimated = True
             return
         if steps >= ESTIMATE_AFTER_STEPS and seconds >= ESTIMATE_AFTER_S:
-            from fewshot_runner.engine.banner import print_estimate
-
             self._estimated = True
             print_estimate(steps, self.total, seconds, step_now=self.step, elapsed=self.elapsed)
+
+
+def estimate_text(steps_done: int, total: int, seconds: float, step_now: int | None = None,
+                  elapsed: float | None = None, now: _dt.datetime | None = None) -> str:
+    """``estimated wall time: 1:12:05 for 10,000 steps (0.43 s/step over the first 20; ...), ends around
+    21:26``. ``steps_done`` steps took ``seconds``; ``total``: the run's steps; ``step_now``: the step
+    reached (default ``steps_done``); ``elapsed``: the run's wall time so far (default ``seconds``)."""
+    if steps_done <= 0 or seconds <= 0:
+        return "estimated wall time: unknown yet"
+    per_step = seconds / steps_done
+    step_now = steps_done if step_now is None else step_now
+    left = max(0, total - step_now) * per_step
+    whole = (seconds if elapsed is None else elapsed) + left
+    now = now or _dt.datetime.now()
+    end = now + _dt.timedelta(seconds=left)
+    return (f"estimated wall time: {clock(whole)} for {total:,} steps ({per_step:.3g} s/step over the first "
+            f"{steps_done}; validation and the final test come on top), ends around {end:%H:%M}"
+            + (f" on {end:%Y-%m-%d}" if end.date() != now.date() else ""))
+
+
+def print_estimate(steps_done: int, total: int, seconds: float, step_now: int | None = None,
+                   elapsed: float | None = None) -> None:
+    """One line: the whole run's estimated wall time (see :func:`estimate_text`)."""
+    console.print(estimate_text(steps_done, total, seconds, step_now, elapsed), markup=False, highlight=False,
+                  soft_wrap=True)
+
 
 
 def _bar(enabled: bool) -> Progress | None:
@@ -193,7 +219,7 @@ def training_progress(total: int, start: int = 0, enabled: bool = True, elapsed_
     (``train.progress``): a bar, redrawn twice a second. Otherwise (a pipe, a SLURM log,
     ``train.progress=false``): a plain status line at most every 30 s and at the last step.
     ``elapsed_before``: seconds a resumed run had already trained. ``estimate``: print the whole run's
-    estimated wall time once, after the first few steps (:func:`~fewshot_runner.engine.banner.print_estimate`)."""
+    estimated wall time once, after the first few steps (:func:`print_estimate`)."""
     bar = _bar(enabled)
     if bar is None:
         yield TrainProgress(total, start, None, elapsed_before, status_every_s, estimate=estimate)
