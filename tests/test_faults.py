@@ -32,6 +32,12 @@ FAST = ["debug=smoke", "backbone.hidden=8", "device.threads=1"]
 # every 3, so the logging window is non-empty at checkpoints and kills fall between the events.
 PROTO = [*FAST, "algo=protonet", "train.steps=8", "train.ckpt_every=2", "train.val_every=3", "train.log_every=3",
          "train.lr_decay_every=3", "train.lr_decay=0.5", "train.ema_decay=0.8"]
+# PROTO's schedule and weight average with training augmentation (crop, flip, colour jitter: random numbers
+# from torch's global generator, see data/transforms.py), checkpointing every 4 steps so that faults at steps
+# 3 and 6 fall between checkpoints
+AUGMENTED = [*FAST, "algo=protonet", "train.steps=8", "train.ckpt_every=4", "train.val_every=3", "train.log_every=3",
+             "train.lr_decay_every=3", "train.lr_decay=0.5", "train.ema_decay=0.8",
+             "data.augment.flip=true", "data.augment.crop_padding=2", "data.augment.color_jitter=0.2"]
 MAML = [*FAST, "algo=maml", "train.steps=6", "train.ckpt_every=2", "train.val_every=3", "train.log_every=1",
         "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 
@@ -105,6 +111,14 @@ def baselines(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def augmented_baseline(tmp_path_factory) -> Path:
+    """An uninterrupted AUGMENTED run (the reference of the resumes below)."""
+    root = tmp_path_factory.mktemp("augmented")
+    ok(fewshot([*AUGMENTED, f"hydra.run.dir={root / 'run'}"], root))
+    return root / "run"
+
+
 # ----------------------------------------------------------------------------- exact resume
 def test_protonet_killed_at_every_phase_resumes_bitwise(tmp_path, baselines):
     """SIGKILL during a step, during validation and during a checkpoint write, each resumed
@@ -137,6 +151,49 @@ def test_maml_killed_during_checkpoint_write_resumes_bitwise_from_path(tmp_path,
     assert step_of(last) == 2
     ok(fewshot([*MAML, f"hydra.run.dir={second}", f"resume={last}"], tmp_path))
     assert_same_run(baselines / "maml", second)
+
+
+def test_resume_restores_the_global_rng_so_augmented_runs_end_bitwise_equal(tmp_path, augmented_baseline,
+                                                                            compose_cfg):
+    """Training augmentation draws from torch's global generator: a run killed between checkpoints and
+    resumed with resume=auto ends bitwise equal (weights, optimizer, everything) to an unbroken one only
+    if the resume restores that generator's state as the checkpoint saved it."""
+    from fewshot_runner.engine.build import build_transforms
+
+    augment, _ = build_transforms(compose_cfg(AUGMENTED[:1] + AUGMENTED[-3:]).data)
+    x = torch.rand(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    draws = []
+    for seed in (0, 0, 1):  # the premise: the augmented images depend on the global generator, and on it only
+        torch.manual_seed(seed)
+        draws.append(augment(x))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+    run = tmp_path / "run"
+    args = [*AUGMENTED, f"hydra.run.dir={run}"]
+    killed(fewshot(args, tmp_path, fault="kill@step:6"))
+    assert step_of(run / "checkpoints" / "last.pt") == 4
+    p = ok(fewshot([*args, "resume=auto"], tmp_path))
+    assert "at step 4" in p.stdout
+    a = torch.load(augmented_baseline / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert_equal_tree(a["model"], b["model"], "last.pt model")
+    assert_equal_tree(a["optimizer"], b["optimizer"], "last.pt optimizer")
+    assert_same_run(augmented_baseline, run)
+
+
+def test_sigint_between_checkpoints_saves_that_step_and_resumes_bitwise(tmp_path, augmented_baseline):
+    """The fast tier's graceful stop: SIGINT in step 3 (checkpoints every 4 steps) finishes the step,
+    writes last.pt at step 3, exits 130 naming the resume command; resume=auto ends bitwise equal."""
+    run = tmp_path / "run"
+    args = [*AUGMENTED, f"hydra.run.dir={run}"]
+    p = fewshot(args, tmp_path, fault="int@step:3")
+    assert p.returncode == 130 and "Traceback" not in p.stdout + p.stderr, p.stderr[-2000:]
+    assert "stopped by SIGINT after step 3" in p.stderr and "resume=auto" in p.stderr
+    assert step_of(run / "checkpoints" / "last.pt") == 3
+    assert not (run / "results.json").exists()
+    p = ok(fewshot([*args, "resume=auto"], tmp_path))
+    assert "at step 3" in p.stdout
+    assert_same_run(augmented_baseline, run)
 
 
 @pytest.mark.slow
