@@ -337,6 +337,23 @@ def test_rerun_sweep_with_resume_auto_skips_done_resumes_killed_runs_the_rest(tm
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_a_killed_sweep_job_resumed_by_the_same_sweep_command_ends_bitwise_equal_to_an_unbroken_run(
+        tmp_path, augmented_baseline):
+    """A 2-job sweep killed in its second job (between checkpoints); the same command with resume=auto
+    skips the finished job and resumes the killed one in its own folder, which then holds the same run,
+    bit for bit, as the uninterrupted single run with that job's settings (AUGMENTED)."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *[a if a != "train.steps=8" else "train.steps=3,8" for a in AUGMENTED], f"hydra.sweep.dir={sweep}"]
+    assert "train.steps=3,8" in args
+    killed(fewshot(args, tmp_path, fault="kill@step:6"))  # job 0 (3 steps) done, job 1 killed in step 6
+    assert (sweep / "0" / "results.json").exists() and not (sweep / "1" / "results.json").exists()
+    assert step_of(sweep / "1" / "checkpoints" / "last.pt") == 4
+    p = ok(fewshot([*args, "resume=auto"], tmp_path))
+    assert f"done already: {sweep / '0' / 'results.json'}" in p.stdout
+    assert f"resuming from {sweep / '1' / 'checkpoints' / 'last.pt'} at step 4" in p.stdout
+    assert_same_run(augmented_baseline, sweep / "1")
+
+
 # ----------------------------------------------------------------------------- Comet faults
 def test_comet_without_a_network_falls_back_offline_and_the_end_says_so(tmp_path):
     """logger=comet with a key but nothing listening: training goes on, logs to the offline
