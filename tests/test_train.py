@@ -141,3 +141,29 @@ def test_status_lines_are_spaced_in_time_and_the_last_step_always_has_one(compos
     out = capsys.readouterr().out
     assert [f"step {i}/3  loss" in out for i in (1, 2, 3)] == [False, False, True], out
     assert "step 2/3  val acc " in out and "step 3/3  val acc " in out
+
+
+def test_a_checkpoint_written_before_the_optimizer_group_and_transform_keys_evaluates_and_resumes(compose_cfg, tmp_path):
+    """Checkpoints from before the learner interface (no optimizer group, no data.normalize/augment/workers,
+    no print_config, no logger.log_model in their config) still evaluate to the same accuracy and resume."""
+    import torch
+
+    from fewshot_runner.engine.eval_checkpoint import evaluate_checkpoint
+
+    res = train(compose_cfg(["debug=smoke", "algo=maml", "train.steps=2"]), run_dir=tmp_path / "run")
+    for name in ("best.pt", "last.pt"):
+        path = tmp_path / "run" / "checkpoints" / name
+        state = torch.load(path, weights_only=False)
+        cfg = state["config"]
+        for key in ("optimizer", "print_config"):
+            cfg.pop(key)
+        for key in ("normalize", "augment", "workers"):
+            cfg["data"].pop(key)
+        cfg["logger"].pop("log_model", None)
+        torch.save(state, path)
+    ev = evaluate_checkpoint(compose_cfg([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "device=cpu",
+                                          "eval.n_episodes=20", "eval.chunk=10"], name="eval"), run_dir=tmp_path / "ev")
+    assert ev["test/acc"] == res["test/acc"]
+    more = train(compose_cfg(["debug=smoke", "algo=maml", "train.steps=3",
+                              f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]), run_dir=tmp_path / "more")
+    assert more["steps"] == 3
