@@ -19,13 +19,52 @@ def test_all_groups_present():
     assert {"algo", "data", "backbone", "device", "logger", "debug", "experiment"} <= groups
 
 
+OMNIGLOT = "fewshot_runner.data.omniglot.Omniglot"
+EXPERIMENTS = [n for g, n in GROUP_FILES if g == "experiment"]
+
+
+def _selectors() -> dict[str, str]:
+    """group -> how the command line selects one of its files where train.yaml's defaults list places the
+    group at another package (``optional paper_net@backbone: ...``: ``paper_net@backbone=NAME``)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for entry in OmegaConf.load(CONF / "train.yaml").defaults:
+        for key in (entry.keys() if hasattr(entry, "keys") else ()):
+            key = str(key).removeprefix("optional ").strip()
+            if "@" in key and not key.startswith("override "):
+                out[key.split("@")[0]] = key
+    return out
+
+
+SELECTORS = _selectors()
+
+
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
-def test_config_composes_and_instantiates(compose_cfg, group, name, omniglot_root, monkeypatch):
-    monkeypatch.setenv("FEWSHOT_DATA", str(omniglot_root))
-    overrides = [f"{group}={name}"]
-    if group not in ("data", "experiment", "debug"):
+def test_config_composes_and_instantiates(compose_cfg, group, name, request, monkeypatch):
+    """Each file with synthetic data (generated: no files needed) unless the data file is the point;
+    data=omniglot reads the real copy (and skips without one).  The experiment presets' own Omniglot
+    data: test_experiment_presets_instantiate_with_their_omniglot_data."""
+    overrides = [f"{SELECTORS.get(group, group)}={name}"]
+    if group != "data":
         overrides.append("data=synthetic")
     cfg = compose_cfg(overrides)
+    if cfg.data._target_ == OMNIGLOT:
+        monkeypatch.setenv("FEWSHOT_DATA", str(request.getfixturevalue("omniglot_root")))
+    instantiates(cfg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_presets_instantiate_with_their_omniglot_data(compose_cfg, name, omniglot_root, monkeypatch):
+    """A preset as written: its data is Omniglot, read from the real copy."""
+    monkeypatch.setenv("FEWSHOT_DATA", str(omniglot_root))
+    cfg = compose_cfg([f"experiment={name}"])
+    assert cfg.data._target_ == OMNIGLOT
+    instantiates(cfg)
+
+
+def instantiates(cfg) -> None:
+    """The config's runtime (on CPU), data set and learner build; the test split holds an episode's classes."""
     cpu = cfg.device.copy()
     cpu.type = "cpu"
     runtime = resolve_runtime(cpu)
