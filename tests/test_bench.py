@@ -34,9 +34,19 @@ def test_bench_writes_one_record_per_case_with_timings_memory_and_gradient_error
     sampler, maml = rows
     assert sampler["grad_rel_err"] is None
     assert maml["meta_batch"] == 2 and maml["fused_ops"] in ("on", "off")
-    # the fast path's fp32 meta-gradient agrees with the float64 plain reference
-    assert isinstance(maml["grad_rel_err"], float) and 0.0 <= maml["grad_rel_err"] < 1e-2
-    assert isinstance(maml["ref_grad_rel_err"], float) and "fp64" in maml["grad_check"]
+    assert "fp64" in maml["grad_check"]
+    # The fast path's fp32 meta-gradient against the float64 plain reference.  In fp32 a rounding difference
+    # can flip a ReLU / max-pool kink (FIELD_NOTES), so the yardstick is the plain reference's own fp32 error
+    # on the same weights and task (measured here: 2.1e-6; the fast path 2.0e-6 with the C++ kernels, 2.6e-6
+    # on the torch-ops fallback): at most 4x that plus 2e-6 of summation-order noise, ~1e-5.  The yardstick
+    # itself is held under 1e-5, so the bound never grows past 4.2e-5: a 1e-4 error always fails.
+    err, ref_err = maml["grad_rel_err"], maml["ref_grad_rel_err"]
+    assert isinstance(err, float) and isinstance(ref_err, float)
+    assert 0.0 < ref_err < 1e-5, f"the plain reference's own fp32 error {ref_err:.3g} is no yardstick"
+    assert 0.0 <= err <= 4 * ref_err + 2e-6, f"fast-path fp32 gradient error {err:.3g} (reference's own {ref_err:.3g})"
+    # float64: the fast path's implementation is exact (measured 7e-15 with the kernels, 8e-15 on the fallback)
+    err64 = maml["grad_rel_err_fp64"]
+    assert isinstance(err64, float) and 0.0 <= err64 <= 1e-12, f"fast-path fp64 gradient error {err64!r}"
 
 
 def test_bench_rejects_an_unknown_case_by_name(tmp_path):
