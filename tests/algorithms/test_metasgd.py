@@ -63,18 +63,23 @@ def test_metasgd_offers_no_test_time_inner_lr_and_gives_the_rates_their_own_grou
     groups = make_metasgd(rates_lr=1e-4).param_groups()
     assert groups[1]["lr"] == 1e-4 and len(groups[1]["params"]) == len(list(m.net.parameters()))
 
-def test_metasgd_grouped_convolutions_give_the_loop_meta_gradient_in_float64():
+def test_metasgd_vmap_and_grouped_convolutions_give_the_loop_meta_gradient_and_predictions_in_float64():
     from fewshot_runner.backbones.conv import Conv4
 
     eps = make_episodes(n_tasks=3, size=16)
-    grads = []
-    for mode in ("off", "groups"):
+    grads, preds = {}, {}
+    for mode in ("off", "on", "groups"):
         torch.manual_seed(0)
         m = MetaSGD(Conv4((1, 16, 16), hidden=4, pool=False, fused_ops="off"), n_way=3, feature_dim=4,
-                    inner_lr_init=0.1, inner_lr_init_max=0.5, inner_steps=2, batch_tasks=mode).double()
-        grads.append(torch.autograd.grad(m.meta_loss(eps)[0], list(m.parameters())))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+                    inner_lr_init=0.1, inner_lr_init_max=0.5, inner_steps=2, eval_inner_steps=2, batch_tasks=mode).double()
+        grads[mode] = torch.autograd.grad(m.meta_loss(eps)[0], list(m.parameters()))
+        with torch.no_grad():
+            preds[mode] = m.predict(eps)
+        assert not preds[mode].requires_grad and all(p.grad is None for p in m.parameters())
+    for mode in ("on", "groups"):
+        for a, b in zip(grads["off"], grads[mode]):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), mode
+        torch.testing.assert_close(preds[mode], preds["off"], rtol=1e-9, atol=1e-12)
 
 
 def test_metasgd_smoke_train_then_eval_refuses_a_test_time_inner_lr(tmp_path):
