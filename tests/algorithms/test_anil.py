@@ -85,8 +85,8 @@ def test_anil_grouped_convolutions_and_vmap_give_the_loop_meta_gradient_in_float
 
 def test_anil_smoke_train_then_eval(tmp_path):
     run = tmp_path / "run"
-    p = run_cli(["train", "algo=anil", "debug=smoke", "backbone.hidden=8", "device.threads=1",
-                 f"hydra.run.dir={run}"], tmp_path)
+    p = run_cli(["train", "algo=anil", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.val_episodes=4",
+                 "eval.n_episodes=6", f"hydra.run.dir={run}"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "ANIL" in p.stdout
     ev = tmp_path / "ev"

@@ -84,8 +84,8 @@ def test_metasgd_vmap_and_grouped_convolutions_give_the_loop_meta_gradient_and_p
 
 def test_metasgd_smoke_train_then_eval_refuses_a_test_time_inner_lr(tmp_path):
     run = tmp_path / "run"
-    p = run_cli(["train", "algo=metasgd", "debug=smoke", "backbone.hidden=8", "device.threads=1",
-                 f"hydra.run.dir={run}"], tmp_path)
+    p = run_cli(["train", "algo=metasgd", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.val_episodes=4",
+                 "eval.n_episodes=6", f"hydra.run.dir={run}"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     best = run / "checkpoints" / "best.pt"
     state = torch.load(best, weights_only=True)["model"]
