@@ -71,7 +71,8 @@ def test_metasgd_vmap_and_grouped_convolutions_give_the_loop_meta_gradient_and_p
     for mode in ("off", "on", "groups"):
         torch.manual_seed(0)
         m = MetaSGD(Conv4((1, 16, 16), hidden=4, pool=False, fused_ops="off"), n_way=3, feature_dim=4,
-                    inner_lr_init=0.1, inner_lr_init_max=0.5, inner_steps=2, eval_inner_steps=2, batch_tasks=mode).double()
+                    inner_lr_init=0.1, inner_lr_init_max=0.5, inner_steps=2, eval_inner_steps=2,
+                    batch_tasks=mode).double()
         grads[mode] = torch.autograd.grad(m.meta_loss(eps)[0], list(m.parameters()))
         with torch.no_grad():
             preds[mode] = m.predict(eps)
@@ -84,8 +85,8 @@ def test_metasgd_vmap_and_grouped_convolutions_give_the_loop_meta_gradient_and_p
 
 def test_metasgd_smoke_train_then_eval_refuses_a_test_time_inner_lr(tmp_path):
     run = tmp_path / "run"
-    p = run_cli(["train", "algo=metasgd", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.val_episodes=4",
-                 "eval.n_episodes=6", f"hydra.run.dir={run}"], tmp_path)
+    p = run_cli(["train", "algo=metasgd", "debug=smoke", "backbone.hidden=8", "device.threads=1",
+                 "train.val_episodes=4", "eval.n_episodes=6", f"hydra.run.dir={run}"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     best = run / "checkpoints" / "best.pt"
     state = torch.load(best, weights_only=True)["model"]

@@ -138,7 +138,8 @@ class Reptile(GradientLearner):
                              self.progress_total)
 
     def meta_loss(self, batch: Episode):
-        raise NotImplementedError("Reptile's outer update is its own (outer_step): it has no meta-loss to differentiate")
+        raise NotImplementedError("Reptile's outer update is its own (outer_step): it has no meta-loss to "
+                                  "differentiate")
 
     def outer_step(self, batch: Episode, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         x = torch.cat([batch.support_x, batch.query_x], 1)  # the task's whole pool (module docstring)
