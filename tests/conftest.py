@@ -45,6 +45,18 @@ def real_data_root() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny float64 ops on one intra-op thread: with two, a core busy elsewhere made such tests 200x slower
+    here (OpenMP threads waiting on the busy core). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose_cfg():
     def _compose(overrides=(), name="train"):

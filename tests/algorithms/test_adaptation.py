@@ -12,6 +12,8 @@ from fewshot_runner.algorithms.gradient import GradientLearner
 from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.backbones.conv import Conv4
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 nets: one intra-op thread (tests/conftest.py)
+
 
 def _key(name: str) -> str:
     return name.replace(".", "__")

@@ -16,13 +16,7 @@ from fewshot_runner.algorithms.metasgd import MetaSGD, rate_key
 HEAD = ["1.weight", "1.bias"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops on one intra-op thread: with two, a core busy elsewhere made these 200x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def make_anil(seed=0, inner_steps=2):

@@ -9,6 +9,8 @@ from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 nets: one intra-op thread (tests/conftest.py)
+
 
 class SmoothConv(nn.Module):
     """A smooth twin of Conv4 (softplus, average pooling) so finite differences are valid."""

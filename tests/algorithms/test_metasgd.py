@@ -11,13 +11,7 @@ from conftest import one_error_line, run_cli
 from fewshot_runner.algorithms.metasgd import MetaSGD, rate_key
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops on one intra-op thread: with two, a core busy elsewhere made these 200x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def make_metasgd(seed=0, **kw):

@@ -13,13 +13,7 @@ from conftest import run_cli
 from fewshot_runner.algorithms.reptile import Reptile, linear_anneal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops on one intra-op thread: with two, a core busy elsewhere made such tests 200x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def make_reptile(seed=0, **kw):
