@@ -49,7 +49,7 @@ def test_smoke_train_then_eval(cli, tmp_path):
         assert key in ck
     assert "test acc" in p.stdout
     # no progress bar is drawn into a pipe: plain lines say how the run goes (the last step, each validation)
-    assert "step 4/4  loss " in p.stdout and " it/s  lr " in p.stdout, p.stdout
+    assert "step 4/4  loss " in p.stdout and "  lr " in p.stdout and " steps/s" in p.stdout, p.stdout
     assert "step 2/4  val acc " in p.stdout and "step 4/4  val acc " in p.stdout, p.stdout
 
     ev = tmp_path / "ev"

@@ -241,3 +241,43 @@ def test_one_way_episodes_and_unknown_added_keys_are_refused_in_one_line(cli, tm
 
     preflight("train", ["debug=smoke", "++train.steps=2", "+hydra.job.env_set.FEWSHOT_X=1",
                         f"hydra.run.dir={tmp_path / 'r'}"])
+
+
+def test_tab_completion_in_an_interactive_bash(tmp_path):
+    """The installed function as readline runs it, keys typed into a real interactive bash on a pty."""
+    import pty
+    import select
+    import time
+
+    bindir = Path(sys.executable).parent
+    (tmp_path / "runs").mkdir()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a bare interactive bash with the venv's fewshot on its path
+        os.environ.update(PATH=f"{bindir}:{os.environ['PATH']}", PS1="$ ", HOME=str(tmp_path))
+        os.chdir(tmp_path)
+        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+
+    def typed(keys: bytes, wait: float = 8.0, until: bytes | None = None) -> str:
+        os.write(fd, keys)
+        out, end = b"", time.time() + wait
+        while time.time() < end and not (until and until in out):
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|[\x07\r]", "", out.decode(errors="replace"))  # no bells, escapes
+
+    try:
+        typed(b'eval "$(fewshot completion bash)"\n', until=b"$ ")
+        assert "algo" in typed(b"fewshot train al\t", until=b"go")  # algo. and algo=: their common part, and a bell
+        assert "=maml " in typed(b"=ma\t", until=b"maml ")  # bash breaks the word at '=': no algo==maml
+        listed = typed(b"\x15fewshot train algo=\t\t", until=b"protonet")
+        assert "protonet" in listed and "maml" in listed and "==" not in listed
+        assert "protonet " in typed(b"pro\t", until=b"protonet ")
+        assert "data.n_way=" in typed(b"\x15fewshot train data.n_w\t", until=b"n_way=")
+        assert "runs/" in typed(b"\x15fewshot eval checkpoint=ru\t", until=b"runs/")
+    finally:
+        os.write(fd, b"\x15exit\n")
+        os.close(fd)
+        os.waitpid(pid, 0)

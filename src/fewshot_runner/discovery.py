@@ -237,10 +237,12 @@ _SCRIPT = r'''# fewshot shell completion ({shell}): add   eval "$(fewshot comple
 {preamble}_fewshot_completion() {{
     local line="${{COMP_LINE:0:$COMP_POINT}}"
     local cur="${{line##*[[:space:]]}}"
-    local word="${{COMP_WORDS[COMP_CWORD]}}"
-    # bash splits words at '=' and ':' too: the reply replaces only the part after the last of them
-    local head=""
-    [[ "$cur" == *"$word" ]] && head="${{cur%"$word"}}"
+    # bash (not zsh) also breaks words at '=' and ':' (COMP_WORDBREAKS): readline then replaces only the
+    # text after the last of them, so the reply leaves out what comes before it
+    local breaks="" head=""
+    [[ "${{COMP_WORDBREAKS-}}" == *=* ]] && breaks+="="
+    [[ "${{COMP_WORDBREAKS-}}" == *:* ]] && breaks+=":"
+    [[ -n "$breaks" ]] && head="${{cur%"${{cur##*[$breaks]}}"}}"
     local IFS=$'\n' c
     local -a found
     found=($(COMP_LINE="$line" COMP_POINT="${{#line}}" command fewshot -sc query={shell} 2>/dev/null))
