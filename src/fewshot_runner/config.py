@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -279,6 +281,15 @@ class EvalRunConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def conf_dir() -> str:
+    """The conf/ folder: beside src/ in a checkout, or packaged as fewshot_runner/conf."""
+    here = Path(__file__).resolve().parent  # src/fewshot_runner
+    for cand in (here.parents[1] / "conf", here / "conf"):
+        if (cand / "train.yaml").exists():
+            return str(cand)
+    raise RuntimeError("fewshot_runner's conf/ folder is missing from this installation")
 
 
 def register_configs() -> None:

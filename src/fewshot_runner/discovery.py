@@ -29,7 +29,7 @@ COMMAND_GROUPS = {"train": None, "eval": ("device", "logger")}  # None: every gr
 
 
 def conf_root() -> Path:
-    from fewshot_runner.cli import conf_dir
+    from fewshot_runner.config import conf_dir
 
     return Path(conf_dir())
 
@@ -319,7 +319,7 @@ def query(shell: str) -> None:
 
 def shell_completion(arg: str | None) -> None:
     """``-sc install=SHELL | query=SHELL | uninstall=SHELL`` (Hydra's flag, for one command or all)."""
-    from fewshot_runner.cli import fail
+    from fewshot_runner.errors import fail
 
     action, _, shell = (arg or "").partition("=")
     shell = shell or "bash"
