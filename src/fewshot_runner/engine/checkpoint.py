@@ -215,8 +215,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file; use another checkpoint, "
                               f"e.g. checkpoints/best.pt or last.pt of the run") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, TypeError,
-            AttributeError, IndexError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+            AttributeError, IndexError):
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (torch cannot read its contents); "
                               f"use another checkpoint, e.g. checkpoints/best.pt or last.pt of the run") from None
     if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a fewshot checkpoint (missing keys); use a file written by "

@@ -162,17 +162,21 @@ def restore_training_state(state: dict, path: Path, cfg: DictConfig, algo, optim
         float(state["best_val_acc"]), int(state["best_step"])
         if not isinstance(state["rng"], dict):
             raise TypeError("rng is not a dict")
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {path} lacks or has a broken training state ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); resume from a last.pt written by "
-                              f"`fewshot train`, or start afresh without resume=") from None
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {path} lacks the training state to resume from (no {e.args[0]!r}: "
+                              f"a model-only file?); resume from a last.pt written by `fewshot train`, or start "
+                              f"afresh without resume=") from None
+    except (ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else "it does not fit this run"
+        raise CheckpointError(f"checkpoint {path} has a broken training state ({why}); resume from a last.pt "
+                              f"written by `fewshot train`, or start afresh without resume=") from None
 
 
 def restore_rng(rng: dict, path: Path) -> None:
     try:
         ckpt.set_rng_state(rng)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {path} has a broken RNG state ({type(e).__name__}); resume from a "
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError):
+        raise CheckpointError(f"checkpoint {path} has a broken random-generator state; resume from a "
                               f"last.pt written by `fewshot train`, or start afresh without resume=") from None
 
 
