@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in flags or "-h" in flags:
         return _help(command, [a for a in args if not a.startswith("-")])
     _maybe_reexec_with_allocator(args)
+    if not sys.stdout.isatty():  # a pipe or a batch job's log: each line as it is printed, not in 8 KB blocks
+        sys.stdout.reconfigure(line_buffering=True)
     if command == "eval":  # algo.KEY=V: the checkpoint's learner says which keys it takes (eval_settings);
         # the schema cannot know them, so they are added (++) and checked once the checkpoint is read
         args = ["++" + a if a.startswith("algo.") else a for a in args]
