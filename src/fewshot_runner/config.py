@@ -45,8 +45,9 @@ class DataConfig:
     train_n_shot: Optional[int] = None  # null: n_shot
     train_n_query: Optional[int] = None  # null: n_query (MAML on Omniglot: 1, as the paper's code)
     # the data layer's transform hook (data/transforms.py), on the device after uint8 -> float:
-    # per-channel normalisation {mean: [...], std: [...]} (null: none) and training-only augmentation
-    normalize: Optional[NormalizeConfig] = None
+    # per-channel normalisation (data.normalize.mean=[...] data.normalize.std=[...]; empty: none) and
+    # training-only augmentation
+    normalize: NormalizeConfig = field(default_factory=lambda: NormalizeConfig())  # empty mean/std: none
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
     # DataLoader worker processes that gather training batches ahead (0: none); the batches are the same,
     # for data read lazily from disk (data/store.py, data/loader.py)

@@ -45,17 +45,19 @@ def build_dataset(data_cfg) -> EpisodicDataset:
     return instantiate_node(node)
 
 
-def build_transforms(data_cfg):
+def build_transforms(data_cfg, channels: int | None = None):
     """(training transform, evaluation transform) of ``data.normalize`` / ``data.augment``: callables on
     float image batches, applied on the device after the uint8 -> float conversion; None where nothing
     is to be done (the default, and every checkpoint written before these keys)."""
     normalize, augment = data_cfg.get("normalize"), data_cfg.get("augment")
+    if normalize is not None and not normalize.get("mean") and not normalize.get("std"):
+        normalize = None  # (empty lists, the schema's default: no normalisation)
     if not normalize and not augment:
         return None, None
     from fewshot_runner.data.transforms import build_transforms as build
 
     plain = OmegaConf.to_container(OmegaConf.create({"n": normalize, "a": augment}), resolve=True)
-    return build(plain["n"], plain["a"])
+    return build(plain["n"], plain["a"], channels=channels)  # (a mean/std of the wrong length: one line)
 
 
 def prefetched(source, data_cfg, runtime: Runtime):

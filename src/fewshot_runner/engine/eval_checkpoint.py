@@ -88,7 +88,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not match its own config's model "
                               f"({str(e).splitlines()[0]}); it may come from another version of fewshot") from None
     algo.check_n_way(ev.n_way)
-    _, eval_tf = build_transforms(saved.data)
+    _, eval_tf = build_transforms(saved.data, channels=dataset.x_shape[0])
     test = evaluate(algo, split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, runtime, transform=eval_tf)
     results = {"test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],

@@ -104,7 +104,7 @@ def setup(cfg: DictConfig, run_dir: Path, stop: StopFlag, t_start: float, faults
     check_episode_shape(train_split, tr.n_way, tr.n_shot, tr.n_query)
     for split in (val_split or dataset.split("val"), test_split):
         check_episode_shape(split, ev.n_way, ev.n_shot, ev.n_query)
-    train_tf, eval_tf = build_transforms(cfg.data)
+    train_tf, eval_tf = build_transforms(cfg.data, channels=dataset.x_shape[0])
 
     seed_everything(cfg.seed)
     algo = build_learner(cfg, dataset.x_shape, tr.n_way, runtime)
