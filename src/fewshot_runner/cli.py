@@ -115,6 +115,12 @@ def _discovery(command: str, args: list[str]) -> None:
     print(discovery.completion_script(shell))
 
 
+def with_eval_settings(command: str, args: list[str]) -> list[str]:
+    """``fewshot eval algo.KEY=V``: the checkpoint's learner says which keys it takes (its eval_settings); the
+    schema cannot know them, so they are added (``++``) and checked once the checkpoint is read."""
+    return ["++" + a if command == "eval" and a.startswith("algo.") else a for a in args]
+
+
 def _help(command: str, overrides: list[str]) -> None:
     """``fewshot train|eval --help [overrides]``: the groups and every key with its description."""
     from hydra.errors import HydraException
@@ -122,10 +128,8 @@ def _help(command: str, overrides: list[str]) -> None:
 
     from fewshot_runner.discovery import help_text
 
-    if command == "eval":
-        overrides = ["++" + a if a.startswith("algo.") else a for a in overrides]
     try:
-        text = help_text(command, overrides)
+        text = help_text(command, with_eval_settings(command, overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         fail(one_line(exception_text(e)))
     _print(text)
@@ -170,9 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     _maybe_reexec_with_allocator(args)
     if not sys.stdout.isatty():  # a pipe or a batch job's log: each line as it is printed, not in 8 KB blocks
         sys.stdout.reconfigure(line_buffering=True)
-    if command == "eval":  # algo.KEY=V: the checkpoint's learner says which keys it takes (eval_settings);
-        # the schema cannot know them, so they are added (++) and checked once the checkpoint is read
-        args = ["++" + a if a.startswith("algo.") else a for a in args]
+    args = with_eval_settings(command, args)
     try:
         preflight(command, args)
 

@@ -111,6 +111,19 @@ def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime) -
     return algo
 
 
+def learner_class(algo_cfg) -> type:
+    """The learner class an ``algo`` config names, without building it (not Hydra's get_class: it logs a
+    multi-line error of its own before raising)."""
+    import importlib
+
+    module, _, name = str(algo_cfg._target_).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"algo._target_={algo_cfg._target_} cannot be imported (no such module or class); "
+                        f"choose a learner with algo=NAME (`fewshot list`)") from None
+
+
 def check_backbone(learner_cls: type[MetaLearner], backbone: torch.nn.Module) -> None:
     """A learner that compares feature maps needs a backbone that gives them (backbones/__init__.py)."""
     if learner_cls.feature_kind == "map" and not hasattr(backbone, "forward_map"):

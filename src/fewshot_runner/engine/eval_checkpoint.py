@@ -13,7 +13,7 @@ from fewshot_runner.algorithms.base import MetaLearner
 from fewshot_runner.data.sampler import check_episode_shape
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.build import (build_dataset, build_learner, build_transforms, close_logger, episode_shapes,
-                                         make_run_logger, run_runtime)
+                                         learner_class, make_run_logger, run_runtime)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import eval_weights
 from fewshot_runner.engine.evaluate import evaluate
@@ -119,18 +119,6 @@ def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[s
     finally:
         messages = close_logger(logger)
     return messages
-
-def learner_class(algo_cfg) -> type:
-    """The learner class a (checked) ``algo`` config names, without building it."""
-    import importlib
-
-    module, _, name = str(algo_cfg._target_).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"algo._target_={algo_cfg._target_} cannot be imported ({type(e).__name__}); "
-                        f"choose a learner with algo=NAME (`fewshot list`)") from None
-
 
 def apply_eval_settings(saved: DictConfig, overrides) -> None:
     """``fewshot eval algo.KEY=VALUE``: only the keys the learner declares in ``eval_settings`` (its

@@ -60,7 +60,7 @@ class GraphedStep:
     """The meta-gradient of a batch of one fixed shape, captured once and replayed.
 
     ``run(episodes, bounds)`` leaves the meta-gradient in ``.grad`` and returns the metrics (0-dim
-    tensors, averaged over tasks, as ``run.gradient_outer_step`` computes them).  ``bounds``: the task
+    tensors, averaged over tasks, as ``outer_step.gradient_outer_step`` computes them).  ``bounds``: the task
     chunks, ``[(start, stop), ...]``.  A new shape, new chunks, or gradients replaced since the capture
     make it capture again.
     """

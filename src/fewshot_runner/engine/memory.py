@@ -1,7 +1,7 @@
 """``device.memory_cap_mb``: chunk a meta-batch so one forward/backward stays under a memory cap.
 
 The tasks of a meta-batch are independent, so the meta-gradient is the weighted sum of the
-gradients of any split of them into chunks (``run.gradient_outer_step``); a chunk's peak memory
+gradients of any split of them into chunks (``outer_step.gradient_outer_step``); a chunk's peak memory
 grows linearly with its tasks.  :class:`ChunkPlanner` measures it on the first outer step, no
 extra work: the first chunk is one task, the second two, and the rest of the batch runs in the
 largest chunk the line ``fixed + per_task * k`` fits under the cap; those chunks are measured too

@@ -36,9 +36,9 @@ from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import WeightAverage, eval_weights
 from fewshot_runner.engine.evaluate import evaluate
 from fewshot_runner.engine.faults import FaultPlan
-from fewshot_runner.engine.loop import NumericalError, TrainingRun  # noqa: F401  (NumericalError: exit code 3)
+from fewshot_runner.engine.loop import TrainingRun
 from fewshot_runner.engine.messages import say, write_json
-from fewshot_runner.engine.outer_step import gradient_outer_step, step_helpers  # noqa: F401  (patched by tests)
+from fewshot_runner.engine.outer_step import step_helpers
 from fewshot_runner.engine.rundir import (adopt_run_files, check_start, drop_final_records, make_run_dir,
                                           restore_rng, restore_training_state, resume_hint)
 from fewshot_runner.engine.signals import Interrupted, StopFlag

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot_runner.engine import checkpoint as ckpt
-from fewshot_runner.engine.build import check_compile
+from fewshot_runner.engine.build import check_compile, learner_class
 from fewshot_runner.engine.device import resolve_runtime
 from fewshot_runner.engine.ema import WeightAverage
 from fewshot_runner.errors import CheckpointError, UserError
@@ -50,15 +50,7 @@ def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path
     """
     run_dir = Path(run_dir)
     if resolve_runtime(cfg.device).compile:  # before the data is read: refused in seconds, not minutes
-        import importlib
-
-        module, _, name = str(cfg.algo._target_).rpartition(".")
-        try:  # not hydra's get_class: it logs a multi-line error of its own before raising
-            learner_cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise UserError(f"algo._target_={cfg.algo._target_} cannot be imported ({type(e).__name__}); "
-                            f"choose a learner with algo=NAME (see `fewshot train --help`)") from None
-        check_compile(learner_cls)
+        check_compile(learner_class(cfg.algo))
     if cfg.device.get("memory_cap_mb") is not None and cfg.train.get("task_chunk"):
         raise UserError(f"train.task_chunk={cfg.train.task_chunk} and device.memory_cap_mb="
                         f"{cfg.device.memory_cap_mb} both set the chunks of a batch; keep one (the other null)")
