@@ -174,3 +174,14 @@ def test_cross_entropy_and_accuracy_average_over_every_leading_dimension():
     assert float(accuracy(logits, labels)) == 0.75
     expected = sum(float(-torch.log_softmax(logits[i, j], -1)[labels[i, j]]) for i in range(2) for j in range(2)) / 4
     assert abs(float(cross_entropy(logits, labels)) - expected) < 1e-12
+
+
+def test_data_workers_gather_the_same_batches_as_the_plain_sampler(compose_cfg, tmp_path):
+    """data.workers=2 (the prefetching loader, data/loader.py) trains the very same weights as no workers."""
+    plain = [*SMOKE, "train.steps=3", "data.augment.flip=true"]
+    train(compose_cfg(plain), run_dir=tmp_path / "plain")
+    train(compose_cfg([*plain, "data.workers=2"]), run_dir=tmp_path / "workers")
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "workers" / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])
