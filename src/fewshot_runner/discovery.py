@@ -101,15 +101,28 @@ def _item(name: str, text: str, width: int) -> str:
 # ----------------------------------------------------------------------------- key descriptions
 @lru_cache(maxsize=1)
 def field_comments() -> dict[str, dict[str, str]]:
-    """``{class name: {field: description}}`` from config.py's comments."""
-    import ast
+    """``{class name: {field: description}}`` from the comments of config.py and of the group schemas
+    (fewshot_runner/schemas/)."""
     import inspect
+    import sys
+
+    import fewshot_runner.config as config
+    from fewshot_runner.schemas import all_schemas
+
+    modules = {config.__name__, *(cls.__module__ for cls in all_schemas().values())}
+    out: dict[str, dict[str, str]] = {}
+    for name in sorted(modules):
+        out.update(_module_field_comments(inspect.getsource(sys.modules[name])))
+    return out
+
+
+def _module_field_comments(src: str) -> dict[str, dict[str, str]]:
+    """``{class name: {field: description}}`` of one module's source: a field's trailing comment, else the
+    whole-line comments just above it."""
+    import ast
     import io
     import tokenize
 
-    import fewshot_runner.config as config
-
-    src = inspect.getsource(config)
     comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole-line comment)
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
