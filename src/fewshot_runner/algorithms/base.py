@@ -122,6 +122,13 @@ class MetaLearner(nn.Module):
         re-enable autograd for their inner loop but build no outer graph."""
         raise NotImplementedError(f"{type(self).__name__} must define predict(episodes) -> logits")
 
+    def embed_episode(self, episodes: Episode) -> dict[str, torch.Tensor] | None:
+        """The embeddings a metric learner compares, for the embedding picture (engine/pictures.py):
+        ``{"support": (T, n_support, D), "query": (T, n_query_total, D)}`` and, where the learner has
+        them, ``"prototypes": (T, n_way, D)``.  Called under ``torch.no_grad()`` in eval mode.  The
+        default None: no embedding picture (gradient-based learners)."""
+        return None
+
     def check_n_way(self, n_way: int) -> None:
         """Raise a one-line UserError when this learner cannot serve ``n_way``-way episodes (a fixed-size
         head).  The default accepts any ``n_way``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,9 @@ class ClassSplit:
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+
+    #: what its episodes ask of a learner: class labels to predict (regression data sets say "regression")
+    task_kind: ClassVar[str] = "classification"
 
     def __post_init__(self) -> None:
         n_classes = len(self.class_names)

@@ -17,6 +17,7 @@ from fewshot_runner.engine.build import (build_dataset, build_learner, build_tra
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import eval_weights
 from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.pictures import save_pictures
 from fewshot_runner.engine.messages import say, write_json
 from fewshot_runner.engine.rundir import make_run_dir
 from fewshot_runner.errors import CheckpointError, UserError
@@ -96,7 +97,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision}
     write_json(run_dir / "results.json", results)
-    messages = _log_eval(cfg, run_dir, saved, results)
+    pictures = save_pictures(algo, split, ev, runtime, eval_tf, run_dir, cfg.eval.seed + 1)
+    messages = _log_eval(cfg, run_dir, saved, results, pictures)
     console.print(results_table(
         f"eval {Path(cfg.checkpoint).name}: {ev.n_way}-way {ev.n_shot}-shot, {cfg.eval.split}",
         [("acc", f"{100 * test['acc']:.2f} % ± {100 * test['ci95']:.2f}"), ("episodes", str(test["n_episodes"])),
@@ -106,9 +108,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     return results
 
 
-def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any]) -> list[str]:
+def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any],
+              pictures: list[tuple[Path, str]]) -> list[str]:
     """``logger=`` for ``fewshot eval`` (default none: metrics.jsonl only): the eval settings and the
-    checkpoint's training config as parameters, the results as metrics at the checkpoint's step."""
+    checkpoint's training config as parameters, the results as metrics at the checkpoint's step, the
+    pictures (engine/pictures.py) as images."""
     logger = make_run_logger(cfg, run_dir, truncate_after_step=0, job="eval", described=saved)  # a fresh run dir (evaluate_checkpoint)
     try:
         logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
@@ -116,6 +120,8 @@ def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[s
         logger.log_metrics({k: v for k, v in results.items() if k in ("test/acc", "test/ci95", "test/n_episodes")},
                            results["step"])
         logger.log_other("checkpoint", results["checkpoint"])
+        for path, name in pictures:
+            logger.log_image(path, name)
     finally:
         messages = close_logger(logger)
     return messages

@@ -173,6 +173,7 @@ def start(run: TrainingRun) -> None:
 
 def finish(run: TrainingRun, test_split) -> dict[str, Any]:
     """Test the best model (the last one when there was no validation) and write results.json."""
+    from fewshot_runner.engine.pictures import save_pictures
     from fewshot_runner.plots import save_curves
 
     cfg, algo, ev = run.cfg, run.algo, run.eval_shape
@@ -195,6 +196,7 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
     curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     if curves:
         run.logger.log_image(curves, "curves")
+    save_pictures(algo, test_split, ev, run.runtime, run.eval_transform, run.run_dir, cfg.eval.seed + 1, run.logger)
     write_json(run.run_dir / "results.json", results)
     run.logger.log_asset(run.run_dir / "results.json")
     run.logger.log_model("best", best_path)  # (uploaded only with logger.log_model=true)
