@@ -19,6 +19,9 @@ class ClassSplit:
         on-disk ``data.store.DiskImages`` for data that does not fit in memory)
     labels: long tensor (n_items,), class ids 0..n_classes-1
     class_names: one name per class id (for messages and predictions)
+    class_groups: None, or a long tensor (n_classes,) of group ids (Omniglot: the alphabet of each class):
+        then every episode drawn from the split takes all its classes from one group
+        (``data.within_alphabet=true``; data/sampler.py)
 
     ``index`` is a padded (n_classes, max_per_class) table of item indices (-1 pads) and
     ``counts`` the number of items per class, built once so sampling is pure indexing.
@@ -28,6 +31,7 @@ class ClassSplit:
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+    class_groups: torch.Tensor | None = None
 
     #: what its episodes ask of a learner: class labels to predict (regression data sets say "regression")
     task_kind: ClassVar[str] = "classification"
@@ -45,6 +49,8 @@ class ClassSplit:
         index[self.labels[order], pos] = order
         self.counts = counts
         self.index = index
+        if self.class_groups is not None and tuple(self.class_groups.shape) != (n_classes,):
+            raise DataError(f"split {self.name!r}: {tuple(self.class_groups.shape)} class groups for {n_classes} classes")
 
     @property
     def n_classes(self) -> int:

@@ -291,7 +291,7 @@ def _download(root: Path, missing: Iterable[str]) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 def Omniglot(root: str | None = None, download: bool = False, image_size: int = 28, split_scheme: str = "vinyals",
-             rotations: bool = True, *, split_dir: str | os.PathLike | None = None,
+             rotations: bool = True, within_alphabet: bool = False, *, split_dir: str | os.PathLike | None = None,
              cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> "EpisodicDataset":
     """Omniglot as an EpisodicDataset named "omniglot" with splits train, val, test, trainval.
 
@@ -301,8 +301,14 @@ def Omniglot(root: str | None = None, download: bool = False, image_size: int = 
     image_size: side of the square images; each split holds uint8 images (n, 1, image_size, image_size).
     split_scheme: "vinyals" (the split files shipped in the package: Vinyals et al. 2016, whole alphabets
         held out, as the ProtoNet and Matching Networks papers) or "maml" (the MAML paper's protocol:
-        a seeded random split of all characters, 1,100 / 100 / 423, see ``random_character_split``).
+        a seeded random split of all characters, 1,100 / 100 / 423, see ``random_character_split``) or "lake"
+        (Lake et al. 2015, Koch et al. 2015: the background set's 964 characters for training and validation,
+        the evaluation set's 659 for the test; no rotations; validation holds out 6 whole background alphabets,
+        see ``splits/lake``).
     rotations: (character, rotation) classes as in the split files; False keeps rot000 classes only.
+    within_alphabet: validation and test episodes take all their classes from one alphabet (the harder
+        one-shot test of Lake et al. and Koch et al.; ``ClassSplit.class_groups``); training episodes still
+        draw from every training class.
     split_dir, cache_dir, workers: for tests and tools (split files from a folder, where the cache
         goes, decoding processes); Hydra configs do not set them.
     """
@@ -342,4 +348,18 @@ def Omniglot(root: str | None = None, download: bool = False, image_size: int = 
         images = decode_all(listing, image_size, workers)
         save_cache(path, listing, image_size, images)
     splits = build_splits(images, listing.names, split_names, rotations, where=str(root_path))
+    if within_alphabet:
+        for name in ("val", "test"):
+            if name in splits:
+                splits[name].class_groups = alphabet_groups(splits[name].class_names)
     return EpisodicDataset("omniglot", splits)
+
+
+def alphabet_groups(class_names: list[str]) -> "torch.Tensor":
+    """The alphabet of each ``Alphabet/characterNN/rotDDD`` class as a group id (alphabets numbered in sorted
+    order): long (n_classes,), for ``ClassSplit.class_groups``."""
+    import torch
+
+    alphabets = [n.split("/", 1)[0] for n in class_names]
+    ids = {a: i for i, a in enumerate(sorted(set(alphabets)))}
+    return torch.tensor([ids[a] for a in alphabets], dtype=torch.long)

@@ -23,6 +23,14 @@ def check_episode_shape(split: ClassSplit, n_way: int, n_shot: int, n_query: int
             f"n_shot + n_query = {n_shot + n_query} is more than the {split.min_per_class} images per class "
             f"of the {split.name!r} split; lower data.n_shot or data.n_query"
         )
+    if split.class_groups is not None:
+        largest = int(torch.bincount(split.class_groups).max()) if split.n_classes else 0
+        if n_way > largest:
+            raise DataError(
+                f"data.n_way={n_way} is larger than the {largest} classes of the largest group (alphabet) of the "
+                f"{split.name!r} split, and its episodes draw their classes from one group; use data.n_way<={largest} "
+                f"or data.within_alphabet=false"
+            )
 
 
 class EpisodeSampler:
@@ -30,7 +38,9 @@ class EpisodeSampler:
 
     Classes are drawn without replacement per task, and support and query images are
     disjoint draws within each class.  The order of the drawn classes is random, so
-    labels 0..n_way-1 are a fresh permutation per task.  All randomness comes from the
+    labels 0..n_way-1 are a fresh permutation per task.  A split with ``class_groups``
+    (``data.within_alphabet=true``) first draws one group per task, uniformly among the groups
+    with at least n_way classes, then the classes within it.  All randomness comes from the
     sampler's own ``torch.Generator`` so its state can be checkpointed and restored.
 
     ``sample`` is ``draw`` (the random index draw, in this process) then ``gather`` (indexing
@@ -45,6 +55,10 @@ class EpisodeSampler:
         self.generator = torch.Generator().manual_seed(seed)
         # uniform-count splits (Omniglot, miniImageNet) skip the padding mask
         self._uniform = bool((split.counts == split.counts[0]).all())
+        self._groups = None  # (class group per class, the groups with n_way classes or more)
+        if split.class_groups is not None:
+            sizes = torch.bincount(split.class_groups)
+            self._groups = (split.class_groups, (sizes >= n_way).nonzero().squeeze(1))
 
     def sample(self, n_tasks: int) -> Episode:
         """A batch of ``n_tasks`` episodes: ``gather(draw(n_tasks))``."""
@@ -56,7 +70,14 @@ class EpisodeSampler:
         s, g = self.split, self.generator
         n_way, k = self.n_way, self.n_shot + self.n_query
         # classes: the first n_way of a random permutation per task
-        classes = torch.rand(n_tasks, s.n_classes, generator=g).argsort(dim=1)[:, :n_way]
+        if self._groups is None:
+            classes = torch.rand(n_tasks, s.n_classes, generator=g).argsort(dim=1)[:, :n_way]
+        else:  # one group per task, then its classes first in the permutation (others keyed past them)
+            group_of, eligible = self._groups
+            group = eligible[torch.randint(len(eligible), (n_tasks,), generator=g)]
+            keys = torch.rand(n_tasks, s.n_classes, generator=g)
+            keys = keys.masked_fill(group_of.unsqueeze(0) != group.unsqueeze(1), 2.0)
+            classes = keys.argsort(dim=1)[:, :n_way]
         width = s.index.shape[1]
         keys = torch.rand(n_tasks, n_way, width, generator=g)
         if not self._uniform:  # push padding slots to the end

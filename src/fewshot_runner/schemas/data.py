@@ -55,8 +55,13 @@ class OmniglotConfig(DataConfig):
     download: bool = False  # true: fetch with torchvision when the data is missing (needs internet)
     image_size: int = 28  # pixels per side, after resizing from 105
     # vinyals: the Vinyals et al. split (whole alphabets held out; ProtoNet, Matching Nets); maml: the
-    # MAML paper's random split of all characters (1,100 / 100 / 423; test alphabets seen in training)
+    # MAML paper's random split of all characters (1,100 / 100 / 423; test alphabets seen in training); lake:
+    # Lake et al. / Koch et al., the background set (964 characters: 732 train, 6 alphabets' 232 val) for
+    # training, the evaluation set (20 alphabets, 659 characters) for the test, no rotations
     split_scheme: str = "vinyals"
+    # validation and test episodes take all their classes from one alphabet (Lake's and Koch's harder
+    # 20-way within-alphabet test); training episodes still draw from every training class
+    within_alphabet: bool = False
 
 
 @register("data", "synthetic")
