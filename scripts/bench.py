@@ -24,6 +24,8 @@ The reference is timed twice: under the same allocator setting as the fast path
 under glibc's defaults.
 
 Cases: MAML / FOMAML 5-way 1-shot 15 queries, 32 tasks per outer step, inner lr 0.4, Adam 1e-3;
+ANIL and Meta-SGD on the same shape (``algo=anil``: the head alone adapts; ``algo=metasgd``: a learned
+rate per weight, all at 0.4, their gradients in the check too);
 ``maml_stridednet_5w1s_mb32_1q``: the MAML Omniglot preset's shape (the paper's net: stride-2
 convolutions, no max-pool, on both sides; 1 query per class; on CPU the fast path runs the 32
 tasks as the groups of grouped convolutions, ``device.batch_tasks=auto``);
@@ -100,6 +102,9 @@ class Case:
     first_order: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
     strided: bool = False  # the MAML paper's Omniglot net (stride-2 convolutions, no max-pool)
+    # the gradient-based learner (workload maml): maml, fomaml, anil (the head alone adapts), metasgd (a
+    # learned rate per weight, all starting at INNER_LR)
+    algo: str = "maml"
 
     def batch(self, tiny: bool) -> int:
         return self.tiny_meta_batch if tiny else self.meta_batch
@@ -116,6 +121,9 @@ CASES = [
     # The MAML Omniglot preset's shape: the paper's strided net, 1 query per class in training
     # (device.batch_tasks=auto runs the 32 tasks as the groups of grouped convolutions on CPU).
     Case("maml_stridednet_5w1s_mb32_1q", "maml", 5, 1, 1, 32, 2, quick=(2, 6), full=(3, 20), strided=True),
+    # The MAML family on MAML's first case: ANIL (inner loop on the head only) and Meta-SGD (learned rates)
+    Case("anil_5w1s_mb32_1step", "maml", 5, 1, 15, 32, 2, quick=(1, 3), full=(2, 10), algo="anil"),
+    Case("metasgd_5w1s_mb32_1step", "maml", 5, 1, 15, 32, 2, quick=(1, 3), full=(2, 10), algo="metasgd"),
     # ProtoNet: 4 episodes per outer step; 15 queries for 5-way, 5 for 20-way (the eval shape of
     # the 20-way preset). Batch norm spans the whole batch, in the package and the reference.
     Case("protonet_5w5s", "protonet", 5, 5, 15, 4, 1, quick=(2, 10), full=(3, 30)),
@@ -253,11 +261,12 @@ class NaiveSampler:
 
 
 # ----------------------------------------------------------------------------- reference algorithms
-def ref_meta_loss(case: Case, net, params: dict, episodes):
+def ref_meta_loss(case: Case, net, params: dict, episodes, rates: dict | None = None):
     """The plain meta-objective, averaged over tasks.
 
     MAML: per task, ``inner_steps`` SGD steps on the support loss by ``functional_call`` +
-    ``autograd.grad(create_graph=not first_order)``, then the query loss.
+    ``autograd.grad(create_graph=not first_order)``, then the query loss.  ANIL: the same steps on the
+    head's weights alone; Meta-SGD: each weight's step scaled by its own learned rate (``rates``).
     ProtoNet: one forward of every image of the batch (batch norm over the batch, as the
     package), then per task: class means of the support embeddings, negative squared
     Euclidean distances, cross-entropy.
@@ -272,8 +281,10 @@ def ref_meta_loss(case: Case, net, params: dict, episodes):
             fast = params
             for _ in range(case.inner_steps):
                 loss = F.cross_entropy(functional_call(net, fast, (episodes.support_x[t],)), episodes.support_y[t])
-                grads = torch.autograd.grad(loss, tuple(fast.values()), create_graph=not case.first_order)
-                fast = {k: w - INNER_LR * g for (k, w), g in zip(fast.items(), grads)}
+                adapted = [k for k in fast if case.algo != "anil" or k.startswith("head.")]
+                grads = torch.autograd.grad(loss, [fast[k] for k in adapted], create_graph=not case.first_order)
+                lr = (lambda k: rates[k]) if case.algo == "metasgd" else (lambda k: INNER_LR)
+                fast = {**fast, **{k: fast[k] - lr(k) * g for k, g in zip(adapted, grads)}}
             losses.append(F.cross_entropy(functional_call(net, fast, (episodes.query_x[t],)), episodes.query_y[t]))
     else:
         T, S = episodes.n_tasks, episodes.support_x.shape[1]
@@ -296,16 +307,48 @@ def build_reference(case: Case, device, dtype, smooth: bool):
     return net, dict(net.named_parameters())
 
 
+def reference_rates(case: Case, params: dict) -> dict | None:
+    """Meta-SGD's learned rates (leaf tensors, INNER_LR everywhere, as the package's inner_lr_init); else None."""
+    import torch
+
+    if case.algo != "metasgd":
+        return None
+    return {k: torch.full_like(p.detach(), INNER_LR).requires_grad_() for k, p in params.items()}
+
+
+def load_package_weights(case: Case, algo) -> None:
+    """The shared weights into the package learner; Meta-SGD's rates (``inner_lrs``) back to INNER_LR."""
+    n_out = case.n_way if case.workload == "maml" else None
+    weights = make_weights(n_out, case.feature_dim)
+    if case.algo != "metasgd":
+        return load_weights(algo, weights)
+    load_weights(algo.net, weights)
+    for rate in algo.inner_lrs.values():
+        rate.data.fill_(INNER_LR)
+
+
+def package_leaves(case: Case, algo) -> list:
+    """The package learner's meta-parameters in the reference's order: the weights, then (Meta-SGD) the
+    rate of each weight in the same order."""
+    if case.algo != "metasgd":
+        return list(algo.parameters())
+    from fewshot_runner.algorithms.metasgd import rate_key
+
+    names = [n for n, _ in algo.net.named_parameters()]
+    return [*algo.net.parameters(), *(algo.inner_lrs[rate_key(n)] for n in names)]
+
+
 def reference_step_fn(case: Case, device, tiny: bool) -> Callable[[], float]:
     import torch
 
     net, params = build_reference(case, device, torch.float32, smooth=False)
+    rates = reference_rates(case, params)
     episodes = make_episodes(case, tiny, device)
-    opt = torch.optim.Adam(params.values(), lr=OUTER_LR)
+    opt = torch.optim.Adam([*params.values(), *(rates or {}).values()], lr=OUTER_LR)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = ref_meta_loss(case, net, params, episodes)
+        loss = ref_meta_loss(case, net, params, episodes, rates)
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -317,9 +360,11 @@ def reference_grads(case: Case, episodes, device, dtype, smooth: bool):
     import torch
 
     net, params = build_reference(case, device, dtype, smooth)
+    rates = reference_rates(case, params)
     episodes = episodes.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t)
-    loss = ref_meta_loss(case, net, params, episodes)
-    return [g.detach() for g in torch.autograd.grad(loss, tuple(params.values()))]
+    loss = ref_meta_loss(case, net, params, episodes, rates)
+    leaves = (*params.values(), *(rates or {}).values())
+    return [g.detach() for g in torch.autograd.grad(loss, leaves)]
 
 
 # ----------------------------------------------------------------------------- fast path (the package)
@@ -357,21 +402,21 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
     from fewshot_runner.engine.device import resolve_runtime
     from fewshot_runner.engine.build import build_learner
 
-    algo_name = "protonet" if case.workload == "protonet" else ("fomaml" if case.first_order else "maml")
+    algo_name = "protonet" if case.workload == "protonet" else ("fomaml" if case.first_order else case.algo)
     overrides = [f"algo={algo_name}", "backbone=conv4", "data=synthetic", f"device={device_type}",
                  f"device.fused_ops={fused}", f"device.threads={threads}", f"device.precision={precision}", "logger=none",
                  f"data.n_way={case.n_way}", f"data.n_shot={case.n_shot}", f"data.n_query={case.n_query}",
                  f"backbone.hidden={HIDDEN}", f"backbone.pool={str(not case.strided).lower()}",
                  f"train.outer_lr={OUTER_LR}", *extra]
     if case.workload == "maml":
-        overrides += [f"algo.inner_lr={INNER_LR}", f"algo.inner_steps={case.inner_steps}",
+        lr_key = "inner_lr_init" if case.algo == "metasgd" else "inner_lr"
+        overrides += [f"algo.{lr_key}={INNER_LR}", f"algo.inner_steps={case.inner_steps}",
                       f"algo.first_order={str(case.first_order).lower()}"]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     runtime = resolve_runtime(cfg.device)
     algo = build_learner(cfg, X_SHAPE, case.n_way, runtime)
-    n_out = case.n_way if case.workload == "maml" else None
-    load_weights(algo, make_weights(n_out, case.feature_dim))
+    load_package_weights(case, algo)
     algo.train()
     return algo, runtime, cfg
 
@@ -423,8 +468,7 @@ def package_grads(case: Case, algo, runtime, episodes, dtype):
     import torch
 
     algo = algo.to(dtype)
-    n_out = case.n_way if case.workload == "maml" else None
-    load_weights(algo, make_weights(n_out, case.feature_dim))
+    load_package_weights(case, algo)
     episodes = episodes.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t)
     if dtype != torch.float32:  # (bf16 autocast: fp32 only)
         runtime = dataclasses.replace(runtime, autocast_dtype=None)
@@ -432,7 +476,7 @@ def package_grads(case: Case, algo, runtime, episodes, dtype):
     from fewshot_runner.engine.outer_step import gradient_outer_step
 
     gradient_outer_step(algo, torch.optim.SGD(algo.parameters(), lr=0.0), episodes, runtime, None, None)
-    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in algo.parameters()]
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in package_leaves(case, algo)]
 
 
 def relative_errors(got, ref) -> tuple[float, float]:
@@ -641,7 +685,8 @@ def run_case(case: Case, device: str, args) -> dict:
         row["fast_path"] = "EpisodeSampler.sample (tensor indexing)"
         row["reference"] = "per-task Python sampler (random.sample + torch.stack)"
     else:
-        row["fast_path"] = f"package {case.workload} via build_learner + gradient_outer_step, fused_ops={fast['fused_ops']}"
+        algo = case.workload if case.workload == "protonet" else case.algo
+        row["fast_path"] = f"package {algo} via build_learner + gradient_outer_step, fused_ops={fast['fused_ops']}"
         row["reference"] = ("plain per-task functional_call loop, fp32, unfused" if case.workload == "maml"
                             else "plain batched forward, per-task prototype loop, fp32, unfused")
     return row

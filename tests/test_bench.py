@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 FLOAT_KEYS = ("ms_per_it", "ref_ms_per_it", "ref_glibc_ms_per_it", "speedup", "speedup_vs_glibc_ref",
@@ -47,6 +49,22 @@ def test_bench_writes_one_record_per_case_with_timings_memory_and_gradient_error
     # float64: the fast path's implementation is exact (measured 7e-15 with the kernels, 8e-15 on the fallback)
     err64 = maml["grad_rel_err_fp64"]
     assert isinstance(err64, float) and 0.0 <= err64 <= 1e-12, f"fast-path fp64 gradient error {err64!r}"
+
+
+@pytest.mark.slow
+def test_bench_anil_and_metasgd_cases_check_their_meta_gradients_against_a_plain_reference(tmp_path):
+    """The MAML family's bench cases: the plain reference adapts the head alone (ANIL) or scales each weight's
+    step by its own rate (Meta-SGD, the rates' gradients compared too); float64 exact, fp32 at the
+    reference's own error."""
+    proc, out = run_bench(tmp_path, "--cases", "anil_5w1s_mb32_1step,metasgd_5w1s_mb32_1step", "--iters", "1",
+                          "--warmup", "0", "--tiny", "--devices", "cpu", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["anil_5w1s_mb32_1step", "metasgd_5w1s_mb32_1step"]
+    for r in rows:
+        assert 0.0 <= r["grad_rel_err_fp64"] <= 1e-12, (r["name"], r["grad_rel_err_fp64"])
+        assert 0.0 <= r["grad_rel_err"] <= 4 * r["ref_grad_rel_err"] + 2e-6, (r["name"], r["grad_rel_err"])
+        assert r["fast_path"].startswith(f"package {r['name'].split('_')[0]} ")
 
 
 def test_bench_rejects_an_unknown_case_by_name(tmp_path):
