@@ -12,22 +12,23 @@ from fewshot_runner.ops.functorch import is_transformed
 
 
 class ConvBlock(nn.Module):
-    """conv3x3 -> BatchNorm -> ReLU -> (max-pool 2 | nothing, with a stride-2 conv).
+    """conv3x3 -> BatchNorm -> ReLU -> (max-pool 2 | nothing, with a stride-2 conv); with
+    ``downsample=False``: nothing, with a stride-1 conv (the map keeps its size).
 
     In training mode, or when the norm keeps no running statistics (MAML), batch norm
     uses the batch statistics.  Where the fused kernels are enabled and batch statistics
     are used, BN + ReLU + max-pool run as one op with exact first and second derivatives.
     """
 
-    def __init__(self, c_in: int, c_out: int, pool: bool, fused: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, pool: bool, fused: bool, downsample: bool = True) -> None:
         super().__init__()
-        self.pool = pool
-        self.conv = nn.Conv2d(c_in, c_out, 3, stride=1 if pool else 2, padding=1)
+        self.pool = pool and downsample
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=2 if downsample and not pool else 1, padding=1)
         self.bn = nn.BatchNorm2d(c_out)
         self.fused = fused
         self.channels_last = False  # set by backbones.use_channels_last
         # a first layer the stem op (conv + BN + ReLU + max-pool fused, ops/stem.py) can run
-        self.stem = fused and pool and _stem_fits(self.conv)
+        self.stem = fused and self.pool and _stem_fits(self.conv)
         # forward_tasks' convolution: ops/conv.py's, whose double backward runs the grouped convolution
         # whole (FEWSHOT_OPS_NO_CONV=1: torch's, for A/B timings)
         self.grouped_conv_op = fused and os.environ.get("FEWSHOT_OPS_NO_CONV", "") in ("", "0")
@@ -124,14 +125,19 @@ class Conv4(nn.Module):
 
     x_shape: (C, H, W) of the inputs; the output is (N, feature_dim), with
     feature_dim = hidden * h * w of the last map (64 for Omniglot 28x28, 1600 for 84x84).
+    ``pool_blocks``: only the first that many blocks halve the map (max-pool, or the stride-2 conv with
+    ``pool=False``); the later ones keep its size (stride-1 conv, no pooling).  2: the Relation Network's
+    embedding (Sung et al. 2018; 7x7 maps on 28x28 images, 21x21 on 84x84).
     """
 
-    def __init__(self, x_shape: tuple[int, ...], hidden: int = 64, pool: bool = True, fused_ops: str = "off") -> None:
+    def __init__(self, x_shape: tuple[int, ...], hidden: int = 64, pool: bool = True, fused_ops: str = "off",
+                 pool_blocks: int = 4) -> None:
         super().__init__()
         fused = _fused_available(fused_ops)
         chans = [x_shape[0], hidden, hidden, hidden, hidden]
-        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1], pool, fused) for i in range(4)])
-        self.has_max_pool = pool  # (the backbone contract: max-pool blocks make vmap slow on CPU)
+        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1], pool, fused, downsample=i < pool_blocks)
+                                      for i in range(4)])
+        self.has_max_pool = pool and pool_blocks > 0  # (the backbone contract: max-pool blocks make vmap slow on CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).flatten(1)

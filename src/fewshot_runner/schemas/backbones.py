@@ -13,6 +13,7 @@ class Conv4Config:
     _target_: str = "fewshot_runner.backbones.conv.Conv4"
     hidden: int = 64  # channels of each of the four conv blocks
     pool: bool = True  # max-pool (ProtoNet / MAML miniImageNet) or stride-2 convs (MAML Omniglot)
+    pool_blocks: int = 4  # only the first N blocks halve the map; the rest keep it (2: the Relation Network's net)
     fused_ops: str = "${device.fused_ops}"  # off | on | auto
 
 
