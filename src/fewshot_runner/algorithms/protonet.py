@@ -89,6 +89,12 @@ class PrototypicalNetworks(MetaLearner):
     def predict(self, episodes: Episode) -> torch.Tensor:
         return self.logits(episodes)
 
+    def embed_episode(self, episodes: Episode) -> dict[str, torch.Tensor]:
+        """Support (T, S, D), query (T, Q, D) and prototype (T, n_way, D) embeddings (the embedding picture)."""
+        support_z, query_z = self.embed(episodes)
+        return {"support": support_z, "query": query_z,
+                "prototypes": prototypes(support_z, episodes.support_y, episodes.n_way)}
+
     def compile_for_speed(self) -> None:
         """``device.compile=true``: ``torch.compile`` the backbone in place (state-dict keys unchanged)."""
         self.backbone.compile()
