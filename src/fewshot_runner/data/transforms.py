@@ -14,9 +14,10 @@ would have. The evaluation transform never draws a random number: it only normal
 Config (``data.normalize`` / ``data.augment``; the defaults change nothing)::
 
     normalize: {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}   # or null; per channel, on [0, 1]
-    augment: {crop_padding: 0, flip: false, color_jitter: 0.0}
+    augment: {crop_padding: 0, flip: false, color_jitter: 0.0, affine: false}
 
-Order in training: random crop (zero padding, then a window of the original size), horizontal
+Order in training: Koch et al.'s random affine distortion (``affine``: rotation, shear, scale and
+translation, each included with probability 1/2, see :class:`RandomAffine`), random crop (zero padding, then a window of the original size), horizontal
 flip (probability 1/2), colour jitter (brightness, contrast, saturation, in that order, each
 factor uniform in [max(0, 1 - s), 1 + s], as torchvision's ``ColorJitter(s, s, s)`` draws them,
 results clamped to [0, 1]), then normalisation ``(x - mean) / std``.
@@ -24,6 +25,7 @@ results clamped to [0, 1]), then normalisation ``(x - mean) / std``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Callable
@@ -33,7 +35,7 @@ import torch
 from fewshot_runner.errors import DataError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-AUGMENT_DEFAULTS = {"crop_padding": 0, "flip": False, "color_jitter": 0.0}
+AUGMENT_DEFAULTS = {"crop_padding": 0, "flip": False, "color_jitter": 0.0, "affine": False}
 
 
 def _check_image(x: torch.Tensor, what: str) -> None:
@@ -137,6 +139,54 @@ class ColorJitter:
         return f"ColorJitter({self.strength})"
 
 
+def affine_warp(x: torch.Tensor, angle: torch.Tensor, shear: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor) -> torch.Tensor:
+    """Images (n, C, H, W) under the affine maps T = R(angle) @ Shear(shear) @ Scale(scale), then ``shift``:
+    an image point p (pixels from the image centre, x right, y down) moves to T p + shift.  angle (n,)
+    radians (positive: clockwise on the screen, y pointing down); shear (n, 2) (rho_x, rho_y): [[1, rho_x],
+    [rho_y, 1]]; scale (n, 2) (s_x, s_y); shift (n, 2) pixels (t_x, t_y).  Bilinear sampling, zeros outside
+    the image (Omniglot's background after inversion).  Each output pixel reads the input at the inverse map."""
+    n, _, h, w = x.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (n, 2, 2)
+    one = torch.ones_like(angle)
+    sh = torch.stack([torch.stack([one, shear[:, 0]], -1), torch.stack([shear[:, 1], one], -1)], -2)
+    t = rot @ sh @ torch.diag_embed(scale)  # (n, 2, 2), pixel units
+    inv = torch.linalg.inv(t)
+    # normalised coordinates (align_corners=False): u = p * 2 / size, so the inverse map there is N inv N^-1
+    norm = torch.tensor([2.0 / w, 2.0 / h], dtype=x.dtype, device=x.device)
+    theta_lin = inv * norm[:, None] / norm[None, :]
+    theta_t = -(inv @ shift.unsqueeze(-1)).squeeze(-1) * norm
+    theta = torch.cat([theta_lin, theta_t.unsqueeze(-1)], -1)  # (n, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class RandomAffine:
+    """Koch, Zemel & Salakhutdinov (2015)'s affine distortions, per image: rotation theta in [-10, 10] degrees,
+    shear rho_x, rho_y in [-0.3, 0.3], scale s_x, s_y in [0.8, 1.2], translation t_x, t_y in [-2, 2] pixels,
+    each uniform, and each of the four included with probability 1/2 (else the identity).  The random numbers:
+    one ``torch.rand(n, 11)`` from the global generator of the images' device."""
+
+    ROTATION_DEG, SHEAR, SCALE, SHIFT_PX = 10.0, 0.3, (0.8, 1.2), 2.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, "data.augment.affine")
+        flat = _flat(x)
+        n = flat.shape[0]
+        u = torch.rand(n, 11, device=x.device).to(x.dtype)
+        on = u[:, :4] < 0.5  # rotation, shear, scale, translation
+        angle = torch.where(on[:, 0], (2 * u[:, 4] - 1) * self.ROTATION_DEG * math.pi / 180, 0.0)
+        shear = torch.where(on[:, 1:2], (2 * u[:, 5:7] - 1) * self.SHEAR, 0.0)
+        lo, hi = self.SCALE
+        scale = torch.where(on[:, 2:3], lo + (hi - lo) * u[:, 7:9], 1.0)
+        shift = torch.where(on[:, 3:4], (2 * u[:, 9:11] - 1) * self.SHIFT_PX, 0.0)
+        return affine_warp(flat, angle, shear, scale, shift).reshape(x.shape)
+
+    def __repr__(self) -> str:
+        return "RandomAffine(Koch et al. 2015)"
+
+
 class Chain:
     """Transforms applied in order."""
 
@@ -185,19 +235,24 @@ def _augment(cfg) -> list[Transform]:
     if cfg is None:
         return []
     if not isinstance(cfg, Mapping):
-        raise DataError(f"data.augment must be null or {{crop_padding: 0, flip: false, color_jitter: 0.0}} (got {cfg!r})")
+        raise DataError(f"data.augment must be null or {{crop_padding: 0, flip: false, color_jitter: 0.0, affine: false}} "
+                        f"(got {cfg!r})")
     unknown = sorted(set(cfg) - set(AUGMENT_DEFAULTS))
     if unknown:
         raise DataError(f"data.augment has no key {unknown[0]!r}: it takes {', '.join(AUGMENT_DEFAULTS)}")
     cfg = {**AUGMENT_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    pad, flip, jitter = cfg["crop_padding"], cfg["flip"], cfg["color_jitter"]
+    pad, flip, jitter, affine = cfg["crop_padding"], cfg["flip"], cfg["color_jitter"], cfg["affine"]
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise DataError(f"data.augment.crop_padding must be an integer >= 0 (got {pad!r})")
     if not isinstance(flip, bool):
         raise DataError(f"data.augment.flip must be true or false (got {flip!r})")
     if isinstance(jitter, bool) or not isinstance(jitter, Real) or not 0 <= jitter < float("inf"):
         raise DataError(f"data.augment.color_jitter must be a number >= 0 (got {jitter!r})")
+    if not isinstance(affine, bool):
+        raise DataError(f"data.augment.affine must be true or false (got {affine!r})")
     steps: list[Transform] = []
+    if affine:
+        steps.append(RandomAffine())
     if pad:
         steps.append(RandomCrop(pad))
     if flip:

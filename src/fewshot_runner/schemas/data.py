@@ -23,6 +23,8 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop of the image size after zero padding by this many pixels (0: off)
     flip: bool = False  # random horizontal flip
     color_jitter: float = 0.0  # brightness / contrast / saturation jitter strength (0: off)
+    # (each part with probability 1/2: rotation +-10 deg, shear +-0.3, scale 0.8-1.2, translation +-2 px)
+    affine: bool = False  # Koch et al. (2015)'s random affine distortions (algo=siamese sets it)
 
 
 @dataclass
