@@ -8,7 +8,10 @@ Pure functions over a parameter dict, with the **update rule as a parameter**:
 * :class:`PerStepLR`: a learned rate per parameter tensor and inner step, ``p - a[step] * g`` (MAML++'s
   per-layer per-step rates);
 * ``keys``: which parameters adapt at all (ANIL: the head's only; the rest pass through unchanged
-  and are still differentiated by the outer loss).
+  and are still differentiated by the outer loss);
+* ``step_params`` (batched and grouped executions): parameters of inner step k that do not adapt, put
+  over the others for that step (MAML++'s per-step batch-norm weights); ``every_step``: the query
+  outputs after every inner step (MAML++'s multi-step loss), not only after the last.
 
 Three executions of the same math, chosen per batch by :mod:`fewshot_runner.algorithms.gradient`:
 the per-task loop (:func:`adapt`), all tasks under ``torch.func.vmap`` (:func:`adapt_batched`) and
@@ -31,6 +34,7 @@ from fewshot_runner.algorithms.base import cross_entropy
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepParams = Callable[[int], Params]  # inner step (0-based) -> the parameters of that step that do not adapt
 
 
 class UpdateRule(Protocol):
@@ -104,7 +108,8 @@ def adapt(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, rule
 
 def adapt_batched(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,
                   rule: UpdateRule | float, steps: int, create_graph: bool, keys: Sequence[str] | None = None,
-                  loss_fn: LossFn = cross_entropy) -> torch.Tensor:
+                  loss_fn: LossFn = cross_entropy, step_params: StepParams | None = None,
+                  every_step: bool = False) -> torch.Tensor:
     """:func:`adapt` for every task at once: ``torch.func.vmap`` over the leading task dimension of
     x (T, S, ...), y (T, S) and xq (T, Q, ...), with ``torch.func.grad`` inner steps; returns the
     query outputs (T, Q, ...) of the adapted nets.
@@ -112,6 +117,10 @@ def adapt_batched(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tens
     The meta-parameters are shared (not batched); the outer gradient flows through vmap and the
     inner gradients by ordinary autograd (create_graph=False detaches the inner gradients: first
     order).  Batch norm inside must be written from primitives (:mod:`fewshot_runner.backbones.norm`).
+
+    ``step_params(k)``: parameters (not adapted, not in ``keys``) put over ``params`` from inner step k on,
+    so step k's support forward and the query forward after it use them.  ``every_step``: the query
+    outputs after each inner step, (T, steps, Q, ...).
     """
     from torch.func import grad, vmap
 
@@ -121,13 +130,18 @@ def adapt_batched(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tens
         return loss_fn(functional_call(net, {**rest, **fast}, (xs,)), ys)
 
     def one_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xqs: torch.Tensor) -> torch.Tensor:
+        outs = []
         for step in range(steps):
+            if step_params is not None:
+                p = {**p, **step_params(step)}
             fast = _subset(p, keys)
             g = grad(support_loss)(fast, p, xs, ys)
             if not create_graph:
                 g = {k: v.detach() for k, v in g.items()}
             p = {**p, **rule(fast, g, step)}
-        return functional_call(net, p, (xqs,))
+            if every_step:
+                outs.append(functional_call(net, p, (xqs,)))
+        return torch.stack(outs) if every_step else functional_call(net, p, (xqs,))
 
     return vmap(one_task, in_dims=(None, 0, 0, 0), randomness="same")(params, x, y, xq)
 
@@ -144,7 +158,8 @@ def grouped_forward(net: nn.Module, params: Params, x: torch.Tensor) -> torch.Te
 
 def adapt_grouped(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,
                   rule: UpdateRule | float, steps: int, create_graph: bool, keys: Sequence[str] | None = None,
-                  loss_fn: LossFn = cross_entropy) -> torch.Tensor:
+                  loss_fn: LossFn = cross_entropy, step_params: StepParams | None = None,
+                  every_step: bool = False) -> torch.Tensor:
     """:func:`adapt_batched` without torch.func: every task gets its own copy of the weights (a
     (T, ...) expand of the meta-parameters), the backbone runs the tasks as the groups of grouped
     convolutions (``forward_tasks``), and one ``autograd.grad`` of the summed support losses gives each
@@ -153,14 +168,20 @@ def adapt_grouped(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tens
     Omniglot net's 32-task step on 2 CPU cores (docs/speed.md).  Returns the query outputs (T, Q, ...).
 
     ``loss_fn`` must be a mean over the task's examples (its value times T is the sum over tasks).
+    ``step_params``, ``every_step``: as in :func:`adapt_batched` (step k's parameters shared by every task).
     """
     rule = as_rule(rule)
     t = y.shape[0]
     fast = {k: v.unsqueeze(0).expand(t, *v.shape) for k, v in params.items()}
+    outs = []
     for step in range(steps):
+        if step_params is not None:
+            fast = {**fast, **{k: v.unsqueeze(0).expand(t, *v.shape) for k, v in step_params(step).items()}}
         out = grouped_forward(net, fast, x)
         loss = loss_fn(out.flatten(0, 1), y.flatten(0, 1)) * t  # = sum over tasks of each task's mean loss
         adapted = _subset(fast, keys)
         grads = torch.autograd.grad(loss, tuple(adapted.values()), create_graph=create_graph)
         fast = {**fast, **rule(adapted, dict(zip(adapted, grads)), step)}
-    return grouped_forward(net, fast, xq)
+        if every_step:
+            outs.append(grouped_forward(net, fast, xq))
+    return torch.stack(outs, 1) if every_step else grouped_forward(net, fast, xq)
