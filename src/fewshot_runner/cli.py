@@ -24,13 +24,15 @@ commands:
                    fewshot train debug=smoke                               (a CPU smoke run, seconds)
   eval        re-test a saved run: fewshot eval checkpoint=PATH [data.n_way=20] [eval.n_episodes=600]
   list        the algorithms, data sets, backbones, optimizers, devices, loggers and presets, a line each
+  data        fewshot data check data=NAME: what is under the data set's root, what is missing, where to get it;
+              fewshot data prepare data=NAME: build its cache with a progress bar (both before any training)
   completion  the shell completion script: eval "$(fewshot completion bash)"   (or zsh)
 
 `fewshot train --help` lists the config groups and every key with its description.
 Overrides are Hydra's: key=value, group=option.
 """
 
-COMMANDS = ("train", "eval", "list", "completion")
+COMMANDS = ("train", "eval", "list", "completion", "data")
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (see `fewshot --help`)")
     if command in ("list", "completion"):
         return _discovery(command, args)
+    if command == "data":  # fewshot data check|prepare (data_commands.py)
+        from fewshot_runner.data_commands import main as data_main
+
+        return data_main(args)
     flags = [a for a in args if a.startswith("-")]
     if "-sc" in flags or "--shell-completion" in flags:  # Hydra's flag on a command: our script, for all commands
         from fewshot_runner.discovery import shell_completion

@@ -24,7 +24,8 @@ INTERNAL = ("hydra", "paper", "paper_net")
 COMMANDS = {"train": "train a meta-learner, keep the best model on validation classes, test it",
             "eval": "re-test a saved run: fewshot eval checkpoint=PATH [data.n_way=20]",
             "list": "the algorithms, data sets, backbones, optimizers, devices, loggers and presets",
-            "completion": "print the shell completion script: eval \"$(fewshot completion bash)\" (or zsh)"}
+            "completion": "print the shell completion script: eval \"$(fewshot completion bash)\" (or zsh)",
+            "data": "fewshot data check|prepare data=NAME: is the data set there (what to get), build its cache"}
 COMMAND_GROUPS = {"train": None, "eval": ("device", "logger")}  # None: every group
 
 

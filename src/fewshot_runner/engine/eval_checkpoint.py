@@ -95,7 +95,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     results = {"test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
                "test/split": cfg.eval.split, "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
                **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
-               "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision}
+               "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision,
+               "data/split_checksum": getattr(split, "split_checksum", None)}
     write_json(run_dir / "results.json", results)
     pictures = save_pictures(algo, split, ev, runtime, eval_tf, run_dir, cfg.eval.seed + 1)
     messages = _log_eval(cfg, run_dir, saved, results, pictures)

@@ -191,6 +191,7 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
         "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": run.wall_time(),
         "checkpoint": str(best_path if best_path.exists() else run.ckpt_dir / "last.pt"),
         "precision": run.runtime.precision, "package_version": __version__,
+        "data/split_checksum": getattr(test_split, "split_checksum", None),
     }
     run.logger.log_metrics({"test/acc": test["acc"], "test/ci95": test["ci95"]}, run.step)
     curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")

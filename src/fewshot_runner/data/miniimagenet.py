@@ -1,0 +1,202 @@
+"""miniImageNet (Vinyals et al. 2016) with the class split of Ravi & Larochelle (2017): 64 / 16 / 20
+classes of 600 images each, 84 x 84 RGB.
+
+The split ships as ``splits/miniimagenet/{train,val,test}.txt`` (WordNet ids, one a line), read from
+Ravi & Larochelle's own ``train.csv`` / ``val.csv`` / ``test.csv`` (twitter-research/meta-learning-lstm,
+data/miniImagenet/). Its checksum (``published.split_checksum``) is ``SPLIT_CHECKSUM``.
+
+Layouts read (under the resolved root, ``$FEWSHOT_DATA/miniimagenet`` by default; first match):
+  (a) the pickled caches ``mini-imagenet-cache-{train,val,test}.pkl``: a dict with ``image_data``, uint8
+      (n, 84, 84, 3), and ``class_dict``, wnid -> list of row indices (as learn2learn and others ship it);
+      read by a restricted unpickler (dicts, lists, strings, numpy arrays; nothing else);
+  (b) the images folder of Ravi & Larochelle's script: ``images/<wnid><number>.jpg`` beside
+      ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``; the label is the wnid).
+Images are decoded once (RGB, resized to ``image_size`` with PIL's bilinear filter when they are not
+already that size) into an image store (``data/published.py``), read lazily.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fewshot_runner.data.archive import Source
+from fewshot_runner.data.published import (SPLITS, Expect, Inspection, Layout, MissingData, as_str, check_image_size,
+                                           decode_files_into, fingerprint, get_key, hwc_to_chw, load_pickle,
+                                           load_split, progress)
+from fewshot_runner.data.root import resolve_root
+from fewshot_runner.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from fewshot_runner.data.base import EpisodicDataset
+
+NAME = "miniimagenet"
+WHAT = "miniImageNet"
+SPLIT_CHECKSUM = "74b757e3299ec81e"
+EXPECT = Expect(per_class=600)
+PICKLES = {s: f"mini-imagenet-cache-{s}.pkl" for s in SPLITS}
+CSVS = {s: f"{s}.csv" for s in SPLITS}
+GET = ("get mini-imagenet-cache-{{train,val,test}}.pkl (the pickled caches, e.g. from learn2learn's download links) "
+       "or Ravi & Larochelle's images/ folder with train.csv, val.csv, test.csv, and put them in {root}")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def _get(root: Path) -> str:
+    return GET.format(root=root)
+
+
+# ----------------------------------------------------------------------------- (a) pickled caches
+def _read_cache_pickle(path: Path, root: Path) -> tuple["np.ndarray", dict[str, list[int]]]:
+    """(image_data (n, H, W, 3) uint8, class_dict wnid -> row indices) of one pickled cache, checked."""
+    import numpy as np
+
+    fix = f"replace it with the miniImageNet cache file of that name ({_get(root)})"
+    obj = load_pickle(path, "a miniImageNet cache (a dict with image_data and class_dict)", fix)
+    try:
+        images, class_dict = get_key(obj, "image_data"), get_key(obj, "class_dict")
+    except (KeyError, TypeError, AttributeError):
+        keys = sorted(map(as_str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path} holds {keys}, not a dict with image_data and class_dict: {fix}") from None
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3):
+        what = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise DataError(f"{path}: image_data is {what}, not uint8 (n, H, W, 3): {fix}")
+    if not isinstance(class_dict, dict):
+        raise DataError(f"{path}: class_dict is a {type(class_dict).__name__}, not a dict of wnid -> row indices: "
+                        f"{fix}")
+    rows: dict[str, list[int]] = {}
+    for wnid, idx in class_dict.items():
+        try:
+            idx = [int(i) for i in idx]
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: class_dict[{as_str(wnid)!r}] is not a list of row indices: {fix}") from None
+        if idx and (min(idx) < 0 or max(idx) >= len(images)):
+            raise DataError(f"{path}: class_dict[{as_str(wnid)!r}] names row {max(idx)} of {len(images)} images: {fix}")
+        rows[as_str(wnid)] = idx
+    return images, rows
+
+
+def _pickle_layout(root: Path, image_size: int) -> Layout:
+    paths = [root / PICKLES[s] for s in SPLITS]
+    loaded: dict[Path, tuple] = {}
+    counts: dict[str, int] = {}
+    where: dict[str, tuple[Path, list[int]]] = {}
+    for path in paths:
+        images, rows = loaded[path] = _read_cache_pickle(path, root)
+        for wnid, idx in rows.items():
+            if wnid in where:
+                raise DataError(f"class {wnid} is both in {where[wnid][0]} and {path}: keep one copy of miniImageNet "
+                                f"under {root}")
+            where[wnid], counts[wnid] = (path, idx), len(idx)
+
+    def fill(out: "np.ndarray", classes: list[str]) -> None:
+        import numpy as np
+
+        pos = 0
+        with progress(len(out), f"{WHAT}: writing {len(out)} images") as advance:
+            for wnid in classes:
+                path, idx = where[wnid]
+                out[pos:pos + len(idx)] = hwc_to_chw(loaded[path][0][np.asarray(idx, dtype=np.int64)], image_size)
+                pos += len(idx)
+                advance(len(idx))
+        loaded.clear()
+
+    return Layout(NAME, WHAT, root, "pickled caches", [str(p) for p in paths], counts, (3, image_size, image_size),
+                  {"layout": "pickles", "files": fingerprint(paths), "image_size": image_size}, fill, _get(root))
+
+
+# ----------------------------------------------------------------------------- (b) images + csv
+def _read_csv(path: Path, root: Path) -> list[tuple[str, str]]:
+    """(filename, wnid) rows of a Ravi & Larochelle split csv (header ``filename,label``)."""
+    fix = f"replace it with Ravi & Larochelle's {path.name} ({_get(root)})"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): {fix}") from None
+    if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
+        raise DataError(f"{path} does not start with the header filename,label: {fix}")
+    out = []
+    for i, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        bad_name = "/" in row[0] or "\\" in row[0] or row[0].startswith(".")
+        if len(row) != 2 or not _WNID.match(row[1].strip()) or bad_name:
+            raise DataError(f"line {i} of {path} is {','.join(row)!r}, not <file name>,<wnid>: {fix}")
+        out.append((row[0].strip(), row[1].strip()))
+    return out
+
+
+def _folder_layout(root: Path, image_size: int) -> Layout:
+    images_dir = root / "images"
+    files: dict[str, list[str]] = {}
+    for s in SPLITS:
+        for filename, wnid in _read_csv(root / CSVS[s], root):
+            files.setdefault(wnid, []).append(filename)
+    present = set(os.listdir(images_dir))
+    absent = [f for names in files.values() for f in names if f not in present]
+    found = [str(root / CSVS[s]) for s in SPLITS] + [f"{images_dir} ({len(present)} files)"]
+    if absent:
+        raise MissingData(f"{images_dir} lacks {absent[0]} ({len(absent)} of the images the csv files list): the copy "
+                          f"is partial; {_get(root)}", found, [str(images_dir / f) for f in absent], _get(root))
+    src = Source("dir", str(images_dir))
+
+    def fill(out: "np.ndarray", classes: list[str]) -> None:
+        decode_files_into(out, [(src, f) for c in classes for f in files[c]], WHAT, image_size, 3)
+
+    key = {"layout": "images", "files": fingerprint([root / CSVS[s] for s in SPLITS] + [images_dir]),
+           "n_files": sum(map(len, files.values())), "image_size": image_size}
+    return Layout(NAME, WHAT, root, "images folder + csv", found, {c: len(v) for c, v in files.items()},
+                  (3, image_size, image_size), key, fill, _get(root))
+
+
+# ----------------------------------------------------------------------------- locating
+def find_layout(root: Path, image_size: int = 84) -> Layout:
+    """The first complete layout under ``root`` (pickles, then images + csv); MissingData names what is not there."""
+    if root.exists() and not root.is_dir():
+        raise MissingData(f"{WHAT} root {root} is a file, not a folder: set data.root to the folder holding the data",
+                          [], [str(root)], _get(root))
+    pickles = [root / PICKLES[s] for s in SPLITS]
+    folder = [root / CSVS[s] for s in SPLITS] + [root / "images"]
+    have_p, have_f = [p for p in pickles if p.is_file()], [p for p in folder if p.exists()]
+    if len(have_p) == len(pickles):
+        return _pickle_layout(root, image_size)
+    if len(have_f) == len(folder) and (root / "images").is_dir():
+        return _folder_layout(root, image_size)
+    if have_p or have_f:  # a partial copy of one layout: name what it lacks
+        want = pickles if len(have_p) >= len(have_f) else folder
+        missing = [str(p) for p in want if not p.exists()]
+        raise MissingData(f"{WHAT} under {root} lacks {missing[0]} ({len(missing)} of {len(want)} files missing): "
+                          f"{_get(root)}", [str(p) for p in have_p + have_f], missing, _get(root))
+    what = "" if root.is_dir() else " (the folder does not exist)"
+    raise MissingData(f"no {WHAT} data under {root}{what}: {_get(root)} (or set data.root / $FEWSHOT_DATA)", [],
+                      [str(p) for p in pickles] + [f"or {', '.join(str(p) for p in folder)}"], _get(root))
+
+
+# ----------------------------------------------------------------------------- entry point
+def inspect(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
+            expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> Inspection:
+    """What ``MiniImageNet`` would read (its arguments), found and listed but not decoded."""
+    check_image_size(image_size)
+    names = load_split(NAME, WHAT, split_dir, SPLIT_CHECKSUM)
+    layout = find_layout(resolve_root(NAME, root), image_size)
+    return Inspection(layout, names, EXPECT if expect is None and split_dir is None else expect, cache_dir)
+
+
+def MiniImageNet(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
+                 expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> "EpisodicDataset":
+    """miniImageNet as an EpisodicDataset "miniimagenet": splits train (64 classes), val (16), test (20),
+    trainval, each holding uint8 images (n, 3, image_size, image_size) read lazily from the image store.
+
+    root: the folder with the data (layouts in the module docstring); None: ``$FEWSHOT_DATA/miniimagenet``.
+    split_dir, expect, cache_dir (tests and tools): split files from this folder instead of the shipped
+        ones (then no published sizes are checked unless ``expect`` gives them), where the store goes.
+    """
+    return inspect(root, image_size, split_dir=split_dir, expect=expect, cache_dir=cache_dir).dataset()
+
+
+MiniImageNet.inspect = inspect  # what `fewshot data check` calls (data/check.py)

@@ -1,0 +1,166 @@
+"""Tiny copies of the published data sets in their exact on-disk formats, written by the tests.
+
+Every image is one solid colour that encodes (class, item): ``colour(k, i)``, so a test can tell from
+the pixels which class and which item an image is, even after JPEG (solid colours survive it within a
+few levels). Class names come from the shipped split lists; ``write_split_dir`` writes the test-only
+split files that make a tiny copy pass the split check (``split_dir=``), as ``data.split_dir`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fewshot_runner.data.published import load_split
+
+
+def colour(k: int, i: int) -> tuple[int, int, int]:
+    """The RGB colour of item ``i`` of class number ``k`` (k < 20, i < 10): distinct, JPEG-safe (steps of 12)."""
+    return (12 * k + 4, 12 * i + 4, 200 - 6 * k)
+
+
+def solid(k: int, i: int, h: int, w: int) -> np.ndarray:
+    """uint8 (h, w, 3) of ``colour(k, i)``."""
+    return np.broadcast_to(np.array(colour(k, i), dtype=np.uint8), (h, w, 3)).copy()
+
+
+def tiny_names(dataset: str, per_split: int = 2) -> dict[str, list[str]]:
+    """The first ``per_split`` classes of each split of the shipped split ``dataset``."""
+    names = load_split(dataset, dataset)
+    return {s: v[:per_split] for s, v in names.items()}
+
+
+def write_split_dir(folder: Path, names: dict[str, list[str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, v in names.items():
+        (folder / f"{s}.txt").write_text("".join(f"{c}\n" for c in v))
+    return folder
+
+
+def class_order(names: dict[str, list[str]]) -> list[str]:
+    return [c for s in ("train", "val", "test") for c in names[s]]
+
+
+def encode(img: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- miniImageNet
+def write_mini_pickles(root: Path, names: dict[str, list[str]], per_class: int = 3, size: int = 84) -> Path:
+    """``mini-imagenet-cache-{split}.pkl``: {"image_data": uint8 (n, size, size, 3), "class_dict": wnid -> rows}."""
+    root.mkdir(parents=True, exist_ok=True)
+    order = class_order(names)
+    for s in ("train", "val", "test"):
+        images, class_dict = [], {}
+        for wnid in names[s]:
+            k = order.index(wnid)
+            class_dict[wnid] = list(range(len(images), len(images) + per_class))
+            images += [solid(k, i, size, size) for i in range(per_class)]
+        with open(root / f"mini-imagenet-cache-{s}.pkl", "wb") as f:
+            pickle.dump({"image_data": np.stack(images), "class_dict": class_dict}, f, protocol=4)
+    return root
+
+
+def write_mini_folder(root: Path, names: dict[str, list[str]], per_class: int = 3, size: int = 84) -> Path:
+    """Ravi & Larochelle's layout: ``images/<wnid><8 digits>.jpg`` and ``{split}.csv`` (filename,label)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    order = class_order(names)
+    for s in ("train", "val", "test"):
+        rows = ["filename,label"]
+        for wnid in names[s]:
+            k = order.index(wnid)
+            for i in range(per_class):
+                fname = f"{wnid}{i + 1:08d}.jpg"
+                (root / "images" / fname).write_bytes(encode(solid(k, i, size, size), "JPEG"))
+                rows.append(f"{fname},{wnid}")
+        (root / f"{s}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# ----------------------------------------------------------------------------- tieredImageNet
+def tiered_arrays(names: dict[str, list[str]], per_class: int = 3, size: int = 84):
+    """Per split: (images uint8 (n, size, size, 3), label_specific (n,), label_specific_str); items interleaved
+    across classes (class 0 item 0, class 1 item 0, ...) as real copies are not sorted by class."""
+    order = class_order(names)
+    out = {}
+    for s in ("train", "val", "test"):
+        imgs, labels = [], []
+        for i in range(per_class):
+            for j, wnid in enumerate(names[s]):
+                imgs.append(solid(order.index(wnid), i, size, size))
+                labels.append(j)
+        out[s] = (np.stack(imgs), np.array(labels, dtype=np.int64), list(names[s]))
+    return out
+
+
+def write_tiered(root: Path, names: dict[str, list[str]], per_class: int = 3, size: int = 84,
+                 png: bool = False) -> Path:
+    """``{split}_labels.pkl`` + ``{split}_images.npz`` (np.savez, key images), or ``{split}_images_png.pkl``
+    (a list of PNG-encoded arrays as OpenCV's imencode writes them: the array's channels reversed in the PNG)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s, (images, labels, strs) in tiered_arrays(names, per_class, size).items():
+        with open(root / f"{s}_labels.pkl", "wb") as f:
+            pickle.dump({"label_specific": labels, "label_general": np.zeros_like(labels),
+                         "label_specific_str": strs, "label_general_str": ["n00000000"]}, f, protocol=2)
+        if png:
+            items = [np.frombuffer(encode(np.ascontiguousarray(im[..., ::-1]), "PNG"), dtype=np.uint8) for im in images]
+            with open(root / f"{s}_images_png.pkl", "wb") as f:
+                pickle.dump(items, f, protocol=4)
+        else:
+            np.savez(root / f"{s}_images.npz", images=images)
+    return root
+
+
+# ----------------------------------------------------------------------------- CIFAR-100
+def write_cifar(root: Path, fine: list[str], coarse_of: dict[str, str], train_per: int = 3, test_per: int = 1,
+                bytes_keys: bool = True) -> Path:
+    """torchvision's ``cifar-100-python/{train,test,meta}``: Python-2-style pickles (bytes keys) of
+    ``data`` uint8 (n, 3072) (R plane, G plane, B plane), ``fine_labels``, ``coarse_labels``; and ``meta``."""
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True, exist_ok=True)
+    coarse = sorted(set(coarse_of.values()))
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    for part, n, first in (("train", train_per, 0), ("test", test_per, train_per)):
+        data, fl, cl = [], [], []
+        for i in range(first, first + n):
+            for k, name in enumerate(fine):
+                data.append(cifar_image(k, i).transpose(2, 0, 1).reshape(-1))
+                fl.append(k)
+                cl.append(coarse.index(coarse_of[name]))
+        obj = {key("data"): np.stack(data), key("fine_labels"): fl, key("coarse_labels"): cl,
+               key("batch_label"): b"training batch 1 of 1", key("filenames"): [b"x.png"] * len(fl)}
+        with open(base / part, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+    with open(base / "meta", "wb") as f:
+        pickle.dump({key("fine_label_names"): fine, key("coarse_label_names"): coarse}, f, protocol=2)
+    return root
+
+
+def cifar_image(k: int, i: int) -> np.ndarray:
+    """uint8 (32, 32, 3): ``colour(k, i)`` with one marked pixel (row 1, column 2) = (255, 0, 1), to check the
+    row-major R, G, B plane layout."""
+    im = solid(k, i, 32, 32)
+    im[1, 2] = (255, 0, 1)
+    return im
+
+
+# ----------------------------------------------------------------------------- class folders (CUB, image_folder)
+def write_class_folders(base: Path, classes: list[str], per_class: int = 3, size=(50, 40), fmt: str = "JPEG",
+                        ext: str = ".jpg", mode: str = "RGB") -> Path:
+    """``base/<class>/<class>_<i><ext>`` images of ``colour(k, i)``, size (w, h), saved in ``mode``."""
+    for k, c in enumerate(classes):
+        (base / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            im = Image.fromarray(solid(k, i, size[1], size[0]))
+            if mode != "RGB":
+                im = im.convert(mode)
+            buf = io.BytesIO()
+            im.save(buf, format=fmt)
+            (base / c / f"{c.split('.')[-1]}_{i:04d}{ext}").write_bytes(buf.getvalue())
+    return base
