@@ -84,7 +84,8 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a MANN checkpoint (best.pt or last.pt of `fewshot train algo=mann`)")
     p.add_argument("--n-sequences", type=int, default=1000, help="test sequences (default 1000)")
     p.add_argument("--per-class", type=int, default=None,

@@ -36,7 +36,8 @@ def test_read_weights_and_read_vector_equal_a_hand_computation():
         cos = []
         for m in memory[0].tolist():
             dot = k[0] * m[0] + k[1] * m[1]
-            cos.append(dot / (math.sqrt(k[0] ** 2 + k[1] ** 2 + COSINE_EPS) * math.sqrt(m[0] ** 2 + m[1] ** 2 + COSINE_EPS)))
+            norms = math.sqrt(k[0] ** 2 + k[1] ** 2 + COSINE_EPS) * math.sqrt(m[0] ** 2 + m[1] ** 2 + COSINE_EPS)
+            cos.append(dot / norms)
         e = [math.exp(c) for c in cos]
         w = [x / sum(e) for x in e]
         expected_w.append(w)
@@ -152,7 +153,8 @@ def test_mann_loss_gradient_matches_central_finite_differences_in_float64():
 def synthetic_split(per_class=12):
     from fewshot_runner.data.synthetic import Synthetic
 
-    return Synthetic(n_classes_train=6, n_classes_val=3, n_classes_test=3, per_class=per_class, image_size=4).split("train")
+    data = Synthetic(n_classes_train=6, n_classes_val=3, n_classes_test=3, per_class=per_class, image_size=4)
+    return data.split("train")
 
 
 def test_sequence_source_shuffles_each_sampler_episode_and_resumes_from_its_state():

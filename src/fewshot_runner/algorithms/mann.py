@@ -168,7 +168,8 @@ class MANN(MetaLearner):
         usage = z(batch, self.slots)
         c = self.controller.hidden_size
         return MemoryState(z(batch, c), z(batch, c), z(batch, self.slots, self.width), usage,
-                           z(batch, self.heads, self.slots), least_used(usage, self.heads), z(batch, self.heads * self.width))
+                           z(batch, self.heads, self.slots), least_used(usage, self.heads),
+                           z(batch, self.heads * self.width))
 
     def step(self, state: MemoryState, inp: torch.Tensor) -> tuple[MemoryState, torch.Tensor]:
         """One time step: inp (B, feature_dim + n_way) -> (the next state, logits (B, n_way))."""
