@@ -205,7 +205,8 @@ def check_start(command: str, jobs: list) -> None:
     """Checks that need torch, run only where they matter (a CUDA device, device.compile, a checkpoint
     to read, an output folder that exists): before Hydra starts, so a refused run changes no file."""
     todo = [(cfg, d) for cfg, d in jobs
-            if cfg.device.type == "cuda" or cfg.device.get("compile") or command == "eval" or cfg.get("resume")
+            if cfg.device.type == "cuda" or cfg.device.get("compile") or command in ("eval", "predict")
+            or cfg.get("resume")
             or (d is not None and d.exists())]
     if not todo:
         return
@@ -218,7 +219,7 @@ def check_start(command: str, jobs: list) -> None:
         from fewshot_runner.engine.rundir import check_start as check_train_start
 
         for cfg, run_dir in todo:
-            if command == "eval":
+            if command in ("eval", "predict"):
                 check_checkpoint_file(Path(str(cfg.checkpoint)), "checkpoint")
             elif cfg.get("resume"):
                 resume = Path(str(cfg.resume)) if cfg.resume != "auto" else \
@@ -229,9 +230,9 @@ def check_start(command: str, jobs: list) -> None:
                 check_train_start(cfg, run_dir)  # device, run dir, checkpoint to resume from
             else:
                 resolve_runtime(cfg.device)
-                if command == "eval":
-                    if run_dir is not None:  # before Hydra writes its .hydra/ and cli.log there
-                        check_eval_run_dir(run_dir)
+                if command == "eval" and run_dir is not None:  # before Hydra writes its .hydra/ and cli.log there
+                    check_eval_run_dir(run_dir)
+                if command in ("eval", "predict"):
                     check_targets(load_checkpoint(cfg.checkpoint), cfg.checkpoint)
     except UserError as e:
         fail(str(e), getattr(e, "exit_code", 2))
@@ -264,7 +265,7 @@ def check_values(command: str, cfg) -> None:
             fail(f"{key}={v} is not one of: {', '.join(allowed)}")
     from fewshot_runner.loggers import check_kind  # (cheap: no comet_ml import)
 
-    msg = check_kind(OmegaConf.select(cfg, "logger.kind"))
+    msg = check_kind(OmegaConf.select(cfg, "logger.kind")) if "logger" in cfg else None  # (predict: no logger)
     if msg:
         fail(msg)
     positive = ["eval.n_episodes", "eval.chunk"]
