@@ -23,6 +23,8 @@ commands:
                    fewshot train -m algo=maml,protonet data.n_shot=1,5     (a sweep)
                    fewshot train debug=smoke                               (a CPU smoke run, seconds)
   eval        re-test a saved run: fewshot eval checkpoint=PATH [data.n_way=20] [eval.n_episodes=600]
+  predict     classify your own images: fewshot predict checkpoint=PATH support=DIR query=DIR [out=FILE.csv]
+              (support/<class_name>/* the labelled examples, query/* the images to classify)
   list        the algorithms, data sets, backbones, optimizers, devices, loggers and presets, a line each
   data        fewshot data check data=NAME: what is under the data set's root, what is missing, where to get it;
               fewshot data prepare data=NAME: build its cache with a progress bar (both before any training)
@@ -32,7 +34,7 @@ commands:
 Overrides are Hydra's: key=value, group=option.
 """
 
-COMMANDS = ("train", "eval", "list", "completion", "data")
+COMMANDS = ("train", "eval", "predict", "list", "completion", "data")
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 
@@ -74,6 +76,10 @@ def _task(command: str):
                 from fewshot_runner.engine.run import train
 
                 train(cfg)
+            elif command == "predict":
+                from fewshot_runner.predict import predict
+
+                predict(cfg)
             else:
                 from fewshot_runner.engine.eval_checkpoint import evaluate_checkpoint
 
@@ -120,7 +126,7 @@ def _discovery(command: str, args: list[str]) -> None:
 def with_eval_settings(command: str, args: list[str]) -> list[str]:
     """``fewshot eval algo.KEY=V``: the checkpoint's learner says which keys it takes (its eval_settings); the
     schema cannot know them, so they are added (``++``) and checked once the checkpoint is read."""
-    return ["++" + a if command == "eval" and a.startswith("algo.") else a for a in args]
+    return ["++" + a if command in ("eval", "predict") and a.startswith("algo.") else a for a in args]
 
 
 def _help(command: str, overrides: list[str]) -> None:

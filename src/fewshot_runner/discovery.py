@@ -23,10 +23,11 @@ GROUPS = {"algo": "algorithms", "data": "data sets", "backbone": "backbones", "o
 INTERNAL = ("hydra", "paper", "paper_net")
 COMMANDS = {"train": "train a meta-learner, keep the best model on validation classes, test it",
             "eval": "re-test a saved run: fewshot eval checkpoint=PATH [data.n_way=20]",
+            "predict": "classify your own images: fewshot predict checkpoint=PATH support=DIR query=DIR [out=FILE.csv]",
             "list": "the algorithms, data sets, backbones, optimizers, devices, loggers and presets",
             "completion": "print the shell completion script: eval \"$(fewshot completion bash)\" (or zsh)",
             "data": "fewshot data check|prepare data=NAME: is the data set there (what to get), build its cache"}
-COMMAND_GROUPS = {"train": None, "eval": ("device", "logger")}  # None: every group
+COMMAND_GROUPS = {"train": None, "eval": ("device", "logger"), "predict": ("device",)}  # None: every group
 
 
 def conf_root() -> Path:
@@ -110,7 +111,8 @@ def field_comments() -> dict[str, dict[str, str]]:
     import fewshot_runner.config as config
     from fewshot_runner.schemas import all_schemas
 
-    modules = {config.__name__, *(cls.__module__ for cls in all_schemas().values())}
+    modules = {config.__name__, *(cls.__module__ for cls in all_schemas().values()),
+               *(m for m in list(sys.modules) if m.startswith("fewshot_runner.schemas."))}  # (predict's run schema)
     out: dict[str, dict[str, str]] = {}
     for name in sorted(modules):
         out.update(_module_field_comments(inspect.getsource(sys.modules[name])))
@@ -218,6 +220,11 @@ def help_text(command: str, overrides: list[str]) -> str:
                 "       fewshot train experiment=protonet_omniglot_quick   a preset",
                 "       fewshot train -m algo=maml,protonet data.n_shot=1,5   a sweep (-m), a summary at the end",
                 "       fewshot train debug=smoke                     seconds on a CPU: synthetic data, 4 steps"]
+    elif command == "predict":
+        out += ["usage: fewshot predict checkpoint=PATH support=DIR query=DIR [out=FILE.csv] [KEY=VALUE ...] [--help]",
+                "  e.g. fewshot predict checkpoint=outputs/DATE/TIME/checkpoints/best.pt support=my/support query=my/query",
+                "  support/<class_name>/* holds each class's labelled images, query/* the images to classify; the CSV "
+                "and predictions.png go to the run dir (or the CSV to out=)."]
     else:
         out += ["usage: fewshot eval checkpoint=PATH [KEY=VALUE ...] [--help]",
                 "  e.g. fewshot eval checkpoint=outputs/DATE/TIME/checkpoints/best.pt data.n_way=20 data.n_query=5",
@@ -289,7 +296,7 @@ def complete(line: str) -> list[str]:
     cur = "" if new_word else rest[-1] if rest else ""
     if command == "completion":
         return [s for s in ("bash", "zsh") if s.startswith(cur)] if len(rest) <= 1 else []
-    if command not in ("train", "eval"):
+    if command not in ("train", "eval", "predict"):
         return []
     if cur.startswith("-"):
         flags = ["--help", "--cfg", "--hydra-help", "--resolve"] + (["-m", "--multirun"] if command == "train" else [])

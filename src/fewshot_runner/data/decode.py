@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from fewshot_runner.data.archive import Source, close_zips, read_member
@@ -152,3 +153,75 @@ def decode_files(files: Sequence[tuple[Source, str]], decode: Decode, item_shape
             pool.shutdown(wait=True, cancel_futures=True)
         close_zips()
     return out
+
+
+# ----------------------------------------------------------------------------- one image file, as a data set stores it
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a data set turns an image file into its stored uint8 (channels, height, width) array, so training
+    data and ``fewshot predict``'s images (any size, any PIL mode) are converted by the same code.
+
+    Steps: transparency flattened onto white (only for images that have it); ``convert("L")`` (channels 1) or
+    ``convert("RGB")`` (3); PIL ``resize((width, height), BILINEAR)`` where the size differs (antialiased when
+    it shrinks, as torchvision's ``Resize``); ``255 - x`` with ``invert`` (Omniglot: strokes bright on 0).
+    """
+
+    channels: int
+    height: int
+    width: int
+    invert: bool = False
+
+    @property
+    def x_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def convert(self, im) -> "np.ndarray":
+        """A PIL image -> uint8 (channels, height, width)."""
+        import numpy as np
+        from PIL import Image
+
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        if im.size != (self.width, self.height):
+            im = im.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        x = np.asarray(im, dtype=np.uint8)
+        if self.invert:
+            x = 255 - x
+        return x[None] if self.channels == 1 else np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def decode(self, data: bytes) -> "np.ndarray":
+        """Encoded image bytes (PNG, JPEG, ...) -> uint8 (channels, height, width)."""
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return self.convert(im)
+
+
+def image_spec(data_cfg) -> ImageSpec:
+    """The :class:`ImageSpec` of a data config (a checkpoint's ``data`` node): the data set factory's own
+    ``image_spec(**keys)`` where it declares one (``Omniglot.image_spec``: gray, inverted), else its
+    ``image_size`` and ``channels`` keys (no inversion).  A data set that says neither is a one-line UserError."""
+    import importlib
+
+    from fewshot_runner.errors import UserError
+
+    keys = {k: v for k, v in dict(data_cfg).items() if k != "_target_"}
+    target = str(data_cfg.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"data._target_={target} cannot be imported, so its images cannot be converted: "
+                        f"use the fewshot version that wrote the checkpoint") from None
+    declared = getattr(factory, "image_spec", None)  # the data set's declared conversion (see the docstring)
+    if declared is not None:
+        return declared(**keys)
+    size, channels = keys.get("image_size"), keys.get("channels")
+    if isinstance(size, int) and isinstance(channels, int) and channels in (1, 3):
+        return ImageSpec(channels, size, size)
+    raise UserError(f"data set {name} does not say how it converts image files (no image_size and channels of "
+                    f"1 or 3, no image_spec): fewshot predict cannot read images for it")

@@ -39,7 +39,6 @@ for ``download=True``; torch is imported by the functions that use it).
 from __future__ import annotations
 
 import functools
-import io
 import os
 import re
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from fewshot_runner.data import cache as _cache
 from fewshot_runner.data.archive import Source, tree_files, zip_file_members
 from fewshot_runner.data.class_splits import (ROTATIONS, SPLIT_NAMES, build_class_splits, load_split_files,
                                               packaged_split_dir, parse_rotation, rotate_classes)
-from fewshot_runner.data.decode import decode_files
+from fewshot_runner.data.decode import ImageSpec, decode_files
 from fewshot_runner.data.root import one_line as _one_line
 from fewshot_runner.data.root import resolve_root as _resolve_root
 from fewshot_runner.errors import DataError
@@ -194,16 +193,16 @@ def list_characters(root: Path, sources: dict[str, _Source]) -> _Listing:
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, image_size: int) -> "np.ndarray":
-    """PNG bytes -> (image_size, image_size) uint8, strokes bright on a 0 background."""
-    import numpy as np
-    from PIL import Image
+def image_spec(image_size: int = 28, **_) -> ImageSpec:
+    """How an Omniglot image file becomes a stored image (and how ``fewshot predict`` converts the user's):
+    gray, resized to image_size, inverted (``data.decode.ImageSpec``).  Other data keys are not used."""
+    return ImageSpec(1, image_size, image_size, invert=True)
 
-    with Image.open(io.BytesIO(data)) as im:
-        gray = im.convert("L")
-    if gray.size != (image_size, image_size):
-        gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return 255 - np.asarray(gray, dtype=np.uint8)
+
+def decode_image(data: bytes, image_size: int) -> "np.ndarray":
+    """PNG bytes -> (image_size, image_size) uint8, strokes bright on a 0 background: ``convert("L")``, PIL
+    bilinear resize, ``255 - x`` (:func:`image_spec`)."""
+    return image_spec(image_size).decode(data)[0]
 
 
 def decode_all(listing: _Listing, image_size: int, workers: int | None = None) -> "torch.Tensor":
@@ -353,6 +352,9 @@ def Omniglot(root: str | None = None, download: bool = False, image_size: int = 
             if name in splits:
                 splits[name].class_groups = alphabet_groups(splits[name].class_names)
     return EpisodicDataset("omniglot", splits)
+
+
+Omniglot.image_spec = image_spec  # the conversion `fewshot predict` applies to the user's image files
 
 
 def alphabet_groups(class_names: list[str]) -> "torch.Tensor":
