@@ -1,0 +1,171 @@
+"""Relation Networks: what the relation module sees ([class sum of support maps, query map] on channels), the
+sigmoid scores and the MSE to one-hot against a hand computation, the loss's float64 gradient against central
+differences, the paper's embedding net (Conv4 pool_blocks=2), one-line refusals, and the CLI (smoke train,
+eval, kill + resume)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_matchingnet import assert_gradient_matches_finite_differences
+from torch import nn
+
+from conftest import run_cli
+from fewshot_runner.algorithms.relationnet import RelationNetworks
+from fewshot_runner.backbones.conv import Conv4
+from fewshot_runner.episode import Episode
+from fewshot_runner.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
+
+
+class MapIdentity(nn.Module):
+    """A 'backbone' whose inputs are already the maps (N, C, h, w)."""
+
+    def forward_map(self, x):
+        return x
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+class SmoothMaps(nn.Module):
+    """A tiny smooth embedding (conv 1 -> 2 channels, softplus, average pooling: 20 weights) with forward_map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward_map(self, x):
+        return F.avg_pool2d(F.softplus(self.conv(x)), 2)
+
+    def forward(self, x):
+        return self.forward_map(x).flatten(1)
+
+
+def episode(n_tasks=2, n_way=3, n_shot=2, n_query=2, shape=(2, 3, 3), seed=0):
+    """Support labels shuffled within each task (not class-major)."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.stack([torch.arange(n_way).repeat_interleave(n_shot)[torch.randperm(n_way * n_shot, generator=g)]
+                      for _ in range(n_tasks)])
+    yq = torch.arange(n_way).repeat_interleave(n_query).repeat(n_tasks, 1)
+    return Episode(torch.randn(n_tasks, n_way * n_shot, *shape, generator=g, dtype=torch.float64), ys,
+                   torch.randn(n_tasks, n_way * n_query, *shape, generator=g, dtype=torch.float64), yq, n_way)
+
+
+def test_relation_module_sees_the_class_sum_and_the_query_concatenated_and_scores_by_hand():
+    """2-shot: the module's input for (query q, class n) is [sum of class n's support maps, query q's map] on
+    channels; scores = sigmoid(relation(pair)) one pair at a time (eval mode: no batch statistics); the loss is
+    the mean of (score - [y_q = n])^2; predict gives the scores' logits."""
+    torch.manual_seed(0)
+    ep = episode()
+    C, h = 2, 3
+    net = RelationNetworks(MapIdentity(), n_way=3, feature_dim=C * h * h, map_channels=C, relation_channels=4,
+                           relation_hidden=5, fused_ops="off").double().eval()
+    seen = []
+    net.relation.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    loss, metrics = net.meta_loss(ep)
+    (pairs,) = seen
+    assert pairs.shape == (2 * 6 * 3, 2 * C, h, h)
+    pairs = pairs.view(2, 6, 3, 2 * C, h, h)
+    logits = net.predict(ep)
+    sq = 0.0
+    for t in range(2):
+        for n in range(3):
+            class_sum = sum(ep.support_x[t, i] for i in range(6) if ep.support_y[t, i] == n)
+            for q in range(6):
+                expected_pair = torch.cat([class_sum, ep.query_x[t, q]], dim=0)
+                assert torch.equal(pairs[t, q, n], expected_pair)
+                with torch.no_grad():
+                    score = torch.sigmoid(net.relation(expected_pair[None]))[0].item()
+                assert torch.sigmoid(logits[t, q, n]).item() == pytest.approx(score, rel=1e-12, abs=1e-15)
+                sq += (score - float(ep.query_y[t, q] == n)) ** 2
+    assert loss.item() == pytest.approx(sq / (2 * 6 * 3), rel=1e-12)
+    assert metrics["acc"].item() == pytest.approx((logits.argmax(-1) == ep.query_y).double().mean().item())
+    emb = net.embed_episode(ep)
+    assert emb["support"].shape == (2, 6, 18) and emb["query"].shape == (2, 6, 18)
+    torch.testing.assert_close(emb["prototypes"][0, 1], sum(ep.support_x[0, i].flatten()
+                                                           for i in range(6) if ep.support_y[0, i] == 1))
+
+
+def test_relation_module_is_the_papers_two_pooled_blocks_and_two_linear_layers():
+    """On the paper's embedding (7 x 7 maps of 64 channels on 28 x 28 here) both blocks pool: 7 -> 3 -> 1,
+    so fc1 reads 64 features, as the paper's H = 64 on Omniglot; on 1 x 1 maps (conv4) no block pools."""
+    paper = RelationNetworks(Conv4((1, 28, 28), pool_blocks=2), n_way=5, feature_dim=64 * 7 * 7)
+    assert [b.pool for b in paper.relation.blocks] == [True, True]
+    assert paper.relation.blocks[0].conv.in_channels == 128 and paper.relation.fc1.in_features == 64
+    assert (paper.relation.fc1.out_features, paper.relation.fc2.out_features) == (8, 1)
+    small = RelationNetworks(Conv4((1, 28, 28)), n_way=5, feature_dim=64)
+    assert [b.pool for b in small.relation.blocks] == [False, False] and small.relation.fc1.in_features == 64
+
+
+@pytest.mark.parametrize("n_shot", [1, 2])
+def test_relation_loss_gradient_matches_finite_differences_in_float64(n_shot):
+    torch.manual_seed(0)
+    ep = episode(n_shot=n_shot, shape=(1, 4, 4), seed=1)
+    net = RelationNetworks(SmoothMaps(), n_way=3, feature_dim=2 * 2 * 2, map_channels=2, relation_channels=3,
+                           relation_hidden=3, fused_ops="off").double()
+    with torch.enable_grad():
+        assert_gradient_matches_finite_differences(net, lambda: net.meta_loss(ep)[0])
+
+
+def test_conv4_pool_blocks_pools_only_in_the_first_blocks():
+    x = torch.zeros(2, 1, 28, 28)
+    assert Conv4((1, 28, 28), hidden=4, pool_blocks=2).forward_map(x).shape == (2, 4, 7, 7)
+    assert Conv4((3, 84, 84), hidden=4, pool_blocks=2).forward_map(torch.zeros(2, 3, 84, 84)).shape == (2, 4, 21, 21)
+    assert Conv4((1, 28, 28), hidden=4, pool=False, pool_blocks=1).forward_map(x).shape == (2, 4, 14, 14)
+    default = Conv4((1, 28, 28), hidden=4)
+    assert [(b.pool, b.conv.stride) for b in default.blocks] == [(True, (1, 1))] * 4
+    assert [b.conv.stride for b in Conv4((1, 28, 28), hidden=4, pool=False).blocks] == [(2, 2)] * 4
+
+
+def test_relation_refuses_a_map_channel_count_that_does_not_fit_the_backbone_in_one_line():
+    with pytest.raises(UserError, match="algo.map_channels=64") as e:
+        RelationNetworks(Conv4((1, 28, 28), hidden=8, pool_blocks=2), n_way=5, feature_dim=8 * 7 * 7)
+    assert "\n" not in str(e.value)
+    # 16 channels of 14 x 14 hold as many numbers as 64 of 7 x 7: refused at the first batch
+    net = RelationNetworks(Conv4((1, 28, 28), hidden=16, pool_blocks=1), n_way=2, feature_dim=64 * 7 * 7)
+    ep = Episode(torch.zeros(1, 2, 1, 28, 28), torch.tensor([[0, 1]]), torch.zeros(1, 2, 1, 28, 28),
+                 torch.tensor([[0, 1]]), 2)
+    with pytest.raises(UserError, match="algo.map_channels"):
+        net.meta_loss(ep)
+
+
+FAST = ["algo=relationnet", "debug=smoke", "backbone=relation_conv4", "backbone.hidden=8", "algo.map_channels=8",
+        "algo.relation_channels=8", "device.threads=1", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
+RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    """`fewshot train algo=relationnet debug=smoke backbone=relation_conv4` (4 steps, checkpoints at 2 and 4)."""
+    root = tmp_path_factory.mktemp("relationnet")
+    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return root / "run"
+
+
+def test_relation_smoke_train_then_eval(unbroken, tmp_path):
+    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(v) and 0 < v < 1 for v in losses)  # MSE of sigmoid scores
+    ev = tmp_path / "ev"
+    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "eval.n_episodes=6", "device=cpu",
+                 "data.n_way=7", f"hydra.run.dir={ev}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+
+
+@pytest.mark.slow
+def test_relation_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
+    """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise equal to the unbroken run (slow: two
+    more CLI runs of ~7 s CPU each would take the default tier past its 30 s)."""
+    from test_faults import assert_same_run, fewshot, killed, ok, step_of
+
+    run = tmp_path / "run"
+    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
+    assert step_of(run / "checkpoints" / "last.pt") == 2
+    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
+    assert_same_run(unbroken, run)
