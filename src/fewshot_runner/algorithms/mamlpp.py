@@ -101,6 +101,8 @@ class MAMLPlusPlus(GradientLearner):
 
     # the learned rates and per-step batch norms exist for inner_steps steps: the test-time rate is no setting
     eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps",)
+    # its losses and metrics are the classifiers' (cross-entropy, accuracy); not yet regression
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: float = 0.1, inner_steps: int = 5,
                  eval_inner_steps: int = 5, multi_step_loss: bool = True, msl_steps: Optional[int] = None,
@@ -114,8 +116,8 @@ class MAMLPlusPlus(GradientLearner):
         per_step = [k for k, on in (("lslr", lslr), ("per_step_bn_weights", per_step_bn_weights),
                                     ("per_step_bn_stats", per_step_bn_stats)) if on]
         if per_step and eval_inner_steps > inner_steps:
-            raise UserError(f"algo.eval_inner_steps={eval_inner_steps} is more than algo.inner_steps={inner_steps}, the "
-                            f"steps that {' and '.join('algo.' + k for k in per_step)} learn values for; use "
+            raise UserError(f"algo.eval_inner_steps={eval_inner_steps} is more than algo.inner_steps={inner_steps}, "
+                            f"the steps that {', '.join('algo.' + k for k in per_step)} learn values for; use "
                             f"algo.eval_inner_steps<={inner_steps}")
         self.inner_lr, self.first_order, self.rates_lr = inner_lr, first_order, rates_lr
         self.multi_step_loss, self.msl_steps, self.first_order_until = multi_step_loss, msl_steps, first_order_until
@@ -134,9 +136,9 @@ class MAMLPlusPlus(GradientLearner):
                 m.track_running_stats = True
         self.norm_names = {k: name for k, (name, _) in norms.items()}
         self.norms = nn.ModuleDict({k: n for k, (_, n) in norms.items()})
-        self.inner_lrs = nn.ParameterDict(
-            {rate_key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr))) for n, _ in self.net.named_parameters()}
-            if lslr else {})
+        names = [n for n, _ in self.net.named_parameters()] if lslr else []
+        self.inner_lrs = nn.ParameterDict({rate_key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr)))
+                                           for n in names})
         # the schedule's loss weights, refreshed by set_progress (a buffer: a captured CUDA graph reads them)
         self.register_buffer("msl_w", torch.tensor(msl_weights(inner_steps, 0.0)), persistent=False)
         self._structure: tuple[bool, bool] | None = None
