@@ -238,6 +238,30 @@ def test_vmap_and_grouped_convolutions_give_the_loops_meta_gradient_and_predicti
     torch.testing.assert_close(out[mode][1], out["off"][1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_running_statistics_are_the_same_through_the_fused_batch_norm_ops(channels_last):
+    """Conv4 with max-pool: the fused BN+ReLU+pool op (and, channels-last, the fused first-layer op) updates the
+    per-step rows as the plain ops do, and the rows then score the same at test time (float64)."""
+    from fewshot_runner.backbones import use_channels_last
+    from fewshot_runner.backbones.conv import Conv4
+
+    eps = make_episodes(n_tasks=2, size=16)
+    ms = []
+    for fused in ("off", "on"):
+        torch.manual_seed(1)
+        m = make_mamlpp(backbone=Conv4((1, 16, 16), hidden=4, pool=True, fused_ops=fused), feature_dim=4)
+        if fused == "on" and channels_last:
+            use_channels_last(m)
+        m.set_progress(0, 100)
+        m.meta_loss(eps)
+        ms.append(m)
+    for a, b in zip(ms[0].norms.buffers(), ms[1].norms.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(ms[0].norms["0__blocks__0__bn"].running_var[1], torch.ones(4, dtype=torch.float64))
+    with torch.no_grad():
+        torch.testing.assert_close(ms[1].eval().predict(eps), ms[0].eval().predict(eps), rtol=1e-9, atol=1e-12)
+
+
 def test_running_statistics_run_the_loop_in_one_thread_and_settings_are_checked():
     m = make_mamlpp(backbone=conv4(), feature_dim=4, batch_tasks="groups")
     eps = make_episodes(n_tasks=2, size=16)
