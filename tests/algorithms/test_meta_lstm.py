@@ -207,6 +207,7 @@ def test_meta_lstm_smoke_train_then_eval(unbroken, tmp_path):
     assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
 
 
+@pytest.mark.slow  # two more CLI runs (~10 s on idle cores): the default tier's budget is spent by the others
 def test_meta_lstm_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise the same run as an unbroken one."""
     from test_faults import assert_same_run, fewshot, killed, ok, step_of
