@@ -117,7 +117,7 @@ def _load_model(saved: DictConfig, state: dict, checkpoint: str, support: str, x
     try:
         with _built_from(checkpoint, state):
             algo = build_learner(saved, x_shape, train_n_way, runtime)
-    except RuntimeError as e:  # the backbone's trial forward on x_shape (build_learner measures its features)
+    except (RuntimeError, ValueError) as e:  # the backbone's trial forward on x_shape (build_learner measures it)
         raise UserError(f"the model cannot take {size} images ({str(e).splitlines()[0][:160]}); {fix}") from None
     try:
         algo.load_state_dict(eval_weights(state))
@@ -150,7 +150,7 @@ def _scores(algo, support_x, support_y, query_x, n_way: int, runtime, transform,
         try:
             with torch.no_grad(), runtime.autocast():
                 logits = algo.predict(ep)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # (torch's shape errors; the fused kernels' ValueError)
             raise UserError(f"the model cannot take {size} images ({str(e).splitlines()[0][:160]}); leave image_size "
                             f"out (the checkpoint's data.image_size)") from None
         out.append(torch.softmax(logits[0].float(), -1).cpu())
