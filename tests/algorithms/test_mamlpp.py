@@ -280,6 +280,26 @@ def test_running_statistics_run_the_loop_in_one_thread_and_settings_are_checked(
     assert MAMLPlusPlus.eval_settings == ("eval_inner_steps",)
 
 
+def test_a_captured_training_step_is_captured_again_when_the_schedules_change_its_graph():
+    """device.cuda_graphs replays the graph of its capture: the switch to second order (step 2) and the end of the
+    multi-step loss (step 3) must each make the engine capture again (emulated on CPU, tests/test_cuda_graphs.py)."""
+    from test_cuda_graphs import CPU, EagerEmulation
+
+    from fewshot_runner.engine.graphs import GraphedStep
+    from fewshot_runner.engine.outer_step import gradient_outer_step
+
+    m = make_mamlpp(first_order_until=2, msl_steps=3)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    backend = EagerEmulation()
+    graphed = GraphedStep(m, CPU, backend)
+    captures = []
+    for step in range(5):
+        m.set_progress(step, 5)
+        gradient_outer_step(m, opt, make_episodes(seed=step), CPU, None, None, None, graphed)
+        captures.append(backend.captures)
+    assert captures == [1, 1, 2, 3, 3]
+
+
 # ----------------------------------------------------------------------------- the CLI
 RESUMABLE = ["algo=mamlpp", "debug=smoke", "backbone.hidden=8", "device.threads=1", "algo.inner_steps=2",
              "algo.eval_inner_steps=2", "algo.msl_steps=3", "algo.first_order_until=2", "train.steps=4",
