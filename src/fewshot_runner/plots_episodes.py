@@ -23,7 +23,7 @@ EPISODE_FILE, EMBEDDING_FILE = "episode.png", "embedding.png"
 MAX_QUERIES = 100  # queries an episode picture shows at most (the first ones of each class, in turn)
 MAX_SHOTS = 10  # support images per class shown at most
 EMBED_EPISODES = 3  # test episodes in the embedding picture, one panel each
-RIGHT, WRONG = "#2ca02c", "#d62728"
+RIGHT, WRONG, SUPPORT = "#2ca02c", "#d62728", "#1f77b4"
 
 
 def _pyplot():
@@ -78,8 +78,8 @@ def draw_episode(path: str | Path, support_x: torch.Tensor, support_y: torch.Ten
                  predicted: torch.Tensor, probability: torch.Tensor, class_names: Sequence[str],
                  query_y: torch.Tensor | None = None, query_names: Sequence[str] | None = None,
                  title: str = "") -> dict:
-    """Draw one episode to ``path`` (PNG): a row per class of its support images (at most ``MAX_SHOTS``), then
-    the queries (at most ``MAX_QUERIES``) with the predicted class and its probability, and, where ``query_y``
+    """Draw one episode to ``path`` (PNG): its support images class by class (at most ``MAX_SHOTS`` each, blue
+    frames, the class name above), then the queries (at most ``MAX_QUERIES``) with the predicted class and its probability, and, where ``query_y``
     is known, the true class: a red frame marks a wrong prediction, a green one a right one.
 
     support_x (S, C, H, W), support_y (S,) in 0..n_way-1, query_x (Q, C, H, W); predicted (Q,) class ids and
@@ -92,24 +92,23 @@ def draw_episode(path: str | Path, support_x: torch.Tensor, support_y: torch.Ten
 
     n_way = len(class_names)
     rows_support = [(support_y == c).nonzero().flatten().tolist()[:MAX_SHOTS] for c in range(n_way)]
+    cells = [(c, i) for c, idx in enumerate(rows_support) for i in idx]  # class by class, its shots in order
     shown = shown_queries(query_y if query_y is not None else predicted, n_way)
-    q_cols = min(10, max(1, len(shown)))
-    q_rows = math.ceil(len(shown) / q_cols)
-    s_cols = max(1, max((len(r) for r in rows_support), default=1))
-    cols = max(q_cols, s_cols + 2)
-    fig = plt.figure(figsize=(1.25 * cols, 1.1 * n_way + 1.55 * q_rows + 1.0))
-    grid = fig.add_gridspec(n_way + q_rows, cols, height_ratios=[1.0] * n_way + [1.45] * q_rows, hspace=0.6)
+    cols = min(10, max(1, len(shown), len(cells)))
+    s_rows, q_rows = math.ceil(len(cells) / cols), math.ceil(len(shown) / cols)
+    fig = plt.figure(figsize=(1.3 * cols, 1.45 * (s_rows + q_rows) + 1.2))
+    grid = fig.add_gridspec(s_rows + q_rows, cols, hspace=0.75)
     try:
-        for c, idx in enumerate(rows_support):
-            label_ax = fig.add_subplot(grid[c, 0:2])
-            label_ax.axis("off")
-            label_ax.text(1.0, 0.5, _short(class_names[c], 24), ha="right", va="center", fontsize=8)
-            for j, i in enumerate(idx):
-                ax = fig.add_subplot(grid[c, 2 + j])
-                ax.imshow(display_image(support_x[i]), cmap="gray", vmin=0, vmax=1)
-                ax.set_xticks([]), ax.set_yticks([])
+        for k, (c, i) in enumerate(cells):  # support: a blue frame, the class name above
+            ax = fig.add_subplot(grid[k // cols, k % cols])
+            ax.imshow(display_image(support_x[i]), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(SUPPORT)
+                spine.set_linewidth(1.5)
+            ax.set_title(_short(class_names[c], 16), fontsize=6, color=SUPPORT)
         for k, q in enumerate(shown):
-            ax = fig.add_subplot(grid[n_way + k // q_cols, k % q_cols])
+            ax = fig.add_subplot(grid[s_rows + k // cols, k % cols])
             ax.imshow(display_image(query_x[q]), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             p = int(predicted[q])

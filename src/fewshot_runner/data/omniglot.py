@@ -2,6 +2,10 @@
 
 Classes are (character, rotation) pairs of the Vinyals et al. (2016) split, each character in
 four rotations: train 4112, val 688, test 1692 classes (trainval 4800), 20 images each.
+``split_scheme="lake"``: Lake et al.'s (2015) and Koch et al.'s (2015) protocol, upright characters
+only: the background set's 964 characters (train 732, val 232: 6 whole background alphabets) and
+the evaluation set's 659 for the test; ``within_alphabet=True`` draws each validation and test
+episode's classes from one alphabet (``ClassSplit.class_groups``).
 
 Where the data is read from (under the resolved root, first match per image set):
   (a) ``omniglot-py/images_background/<Alphabet>/characterNN/*.png`` (torchvision's download),
