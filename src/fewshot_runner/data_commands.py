@@ -64,20 +64,20 @@ def _compose(overrides: list[str]):
 
 
 def _target(data_cfg):
-    """(the function the config names, its keyword arguments without episode/transform/loader keys)."""
-    from omegaconf import OmegaConf
+    """(the function the config names, the config's keys that are its arguments): the episode-shape, transform
+    and loader keys every data config holds are not (as ``engine.build.build_dataset`` drops them)."""
+    import inspect
 
-    from fewshot_runner.engine.build import EPISODE_KEYS, LOADER_KEYS, TRANSFORM_KEYS
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(data_cfg, resolve=True)
     target = node.pop("_target_")
-    for k in (*EPISODE_KEYS, *TRANSFORM_KEYS, *LOADER_KEYS):
-        node.pop(k, None)
     if not target.startswith("fewshot_runner.data."):
         fail(f"data._target_={target} is not a data set of fewshot_runner.data: fewshot data works with those")
-    from hydra.utils import get_method
-
-    return get_method(target), node
+    fn = get_method(target)
+    params = inspect.signature(fn).parameters
+    return fn, {k: v for k, v in node.items() if k in params}
 
 
 def check(data_cfg) -> None:
@@ -120,10 +120,8 @@ def _say_missing(e) -> None:
 
 
 def prepare(data_cfg) -> None:
-    from fewshot_runner.engine.build import build_dataset
-
-    fn, _ = _target(data_cfg)
-    dataset = build_dataset(data_cfg)
+    fn, kwargs = _target(data_cfg)
+    dataset = fn(**kwargs)  # (what engine.build.build_dataset instantiates, without importing the engine)
     splits = {s: dataset.splits[s] for s in ("train", "val", "test") if s in dataset.splits}
     print(f"{fn.__name__}: ready; images {tuple(dataset.x_shape)}")
     for name, split in splits.items():
