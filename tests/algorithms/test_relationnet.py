@@ -133,6 +133,24 @@ def test_relation_refuses_a_map_channel_count_that_does_not_fit_the_backbone_in_
         net.meta_loss(ep)
 
 
+@pytest.mark.slow
+def test_compiled_relation_network_gives_the_same_scores_and_state_dict_keys():
+    """device.compile=true: the backbone's forward_map and the relation module compiled (about a minute on a
+    CPU); nn.Module.compile would have compiled the backbone's forward only, which this learner never calls."""
+    torch.manual_seed(0)
+    a = RelationNetworks(Conv4((1, 28, 28), hidden=8, pool_blocks=2), n_way=5, feature_dim=8 * 49, map_channels=8)
+    b = RelationNetworks(Conv4((1, 28, 28), hidden=8, pool_blocks=2), n_way=5, feature_dim=8 * 49, map_channels=8)
+    b.load_state_dict(a.state_dict())
+    b.compile_for_speed()
+    assert list(a.state_dict()) == list(b.state_dict()) and b.compiled_map is not None
+    g = torch.Generator().manual_seed(1)
+    ep = Episode(torch.rand(2, 5, 1, 28, 28, generator=g), torch.arange(5).repeat(2, 1),
+                 torch.rand(2, 10, 1, 28, 28, generator=g), torch.arange(5).repeat_interleave(2).repeat(2, 1), 5)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b.predict(ep), a.predict(ep), rtol=1e-4, atol=1e-4)
+
+
 FAST = ["algo=relationnet", "debug=smoke", "backbone=relation_conv4", "backbone.hidden=8", "algo.map_channels=8",
         "algo.relation_channels=8", "device.threads=1", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
