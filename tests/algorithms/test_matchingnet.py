@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from conftest import run_cli
@@ -94,7 +93,8 @@ def test_full_context_embeddings_follow_the_paper_equations_and_change_the_embed
                 torch.testing.assert_close(emb["query"][t, q:q + 1], h, rtol=1e-12, atol=1e-14)
         plain = MatchingNetworks(nn.Identity(), n_way=2, feature_dim=D).embed_episode(ep)
     assert not torch.allclose(emb["support"], plain["support"]) and not torch.allclose(emb["query"], plain["query"])
-    torch.testing.assert_close(plain["support"], ep.support_x) and torch.testing.assert_close(plain["query"], ep.query_x)
+    torch.testing.assert_close(plain["support"], ep.support_x)
+    torch.testing.assert_close(plain["query"], ep.query_x)
     with pytest.raises(UserError, match="algo.fce_steps"):
         MatchingNetworks(nn.Identity(), n_way=2, feature_dim=D, fce=True, fce_steps=0)
 
@@ -107,7 +107,8 @@ def assert_gradient_matches_finite_differences(model, loss_fn, h=1e-6, tol=1e-6)
     with torch.no_grad():
         for p, g in zip(model.parameters(), grads):
             flat = p.view(-1)
-            idx = range(flat.numel()) if flat.numel() <= 12 else torch.randperm(flat.numel(), generator=gen)[:12].tolist()
+            n = flat.numel()
+            idx = range(n) if n <= 12 else torch.randperm(n, generator=gen)[:12].tolist()
             for i in idx:
                 orig = flat[i].item()
                 flat[i] = orig + h
