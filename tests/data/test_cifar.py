@@ -41,21 +41,24 @@ def test_cifar_fs_classes_hold_train_then_test_images_in_rgb_planes(root, tmp_pa
         assert got == [colour(FINE.index(c), i) for c in FS[s] for i in range(4)]
 
 
-def test_fc100_classes_are_superclasses_of_all_their_fine_classes(root, tmp_path):
+def test_fc100_classes_are_the_fine_classes_of_each_splits_superclasses(root, tmp_path):
     d = FC100(str(root), split_dir=write_split_dir(tmp_path / "s", FC), cache_dir=tmp_path / "c")
     for s, sup in zip(("train", "val", "test"), SUPER):
         split = d.split(s)
-        assert split.class_names == [sup] and split.counts.tolist() == [8]
-        fine_here = [c for c in FINE if COARSE_OF[c] == sup]
-        reds = sorted({int(im[0, 0, 0]) for im in _all(split)})
-        assert reds == sorted(colour(FINE.index(c), 0)[0] for c in fine_here)
+        fine_here = [c for c in FINE if COARSE_OF[c] == sup]  # (in label order: FINE is the meta order)
+        assert split.class_names == fine_here and split.counts.tolist() == [4, 4]
+        got = [tuple(int(v) for v in im[:, 0, 0]) for im in _all(split)]
+        assert got == [colour(FINE.index(c), i) for c in fine_here for i in range(4)]
 
 
 def test_published_sizes_refuse_the_tiny_copy(root, tmp_path):
     with pytest.raises(DataError, match=r"CIFAR-FS under .* has no class .* of the train split \(94 of 100"):
         CIFAR_FS(str(root), cache_dir=tmp_path / "c")
-    with pytest.raises(DataError, match=r"class .* has 8 images where FC100 has 3000 per class"):
-        FC100(str(root), split_dir=write_split_dir(tmp_path / "s", FC), expect=Expect(per_class=3000))
+    with pytest.raises(DataError, match=rf"FC100 under .* has 2 classes of superclass {SUPER[0]} \(train split\) "
+                                        rf"where CIFAR-100 has 5"):
+        FC100(str(root), cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"class .* has 4 images where FC100 has 600 per class"):
+        FC100(str(root), split_dir=write_split_dir(tmp_path / "s", FC), expect=Expect(per_class=600))
 
 
 def test_files_in_the_root_itself_are_read_too(tmp_path):
@@ -83,7 +86,7 @@ def test_root_defaults_to_the_shared_cifar100_folder(tmp_path, monkeypatch):
     write_cifar(tmp_path / "data" / "cifar100", FINE, COARSE_OF)
     monkeypatch.setenv("FEWSHOT_DATA", str(tmp_path / "data"))
     d = FC100(split_dir=write_split_dir(tmp_path / "s", FC), cache_dir=tmp_path / "c")
-    assert d.split("val").class_names == [SUPER[1]]
+    assert d.split("val").class_names == [c for c in FINE if COARSE_OF[c] == SUPER[1]]
 
 
 @pytest.mark.parametrize("obj, message", [

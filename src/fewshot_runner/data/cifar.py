@@ -2,8 +2,8 @@
 60,000 32 x 32 RGB images (train and test files together: 600 per class, 3,000 per superclass).
 
 - CIFAR-FS: the 100 classes split at random into 64 / 16 / 20 (``splits/cifar_fs``: fine-label names).
-- FC100: split by superclass, 12 / 4 / 4 superclasses of 5 classes each (``splits/fc100``: coarse-label
-  names); each FC100 class is a superclass, 3,000 images.
+- FC100: split by superclass, 12 / 4 / 4 superclasses (``splits/fc100``: coarse-label names) of 5 classes
+  each, so 60 / 20 / 20 classes (the fine labels of those superclasses, in label order), 600 images each.
 Both lists were taken from torchmeta's assets (tristandeleu/pytorch-meta,
 ``torchmeta/datasets/assets/cifar100/{cifar-fs,fc100}``), which follow those papers' split files.
 
@@ -36,11 +36,13 @@ FILES = ("train", "test", "meta")
 GET = ("get CIFAR-100's python version (cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, or "
        "torchvision.datasets.CIFAR100(root, download=True)) and extract it in {root}, so that "
        "{root}/cifar-100-python/train, test and meta exist")
-#: (split folder, data set name in messages, label key, published images per class, split checksum)
+#: split folder -> (data set name in messages, what the split files list, published sizes, split files' checksum)
 SCHEMES = {
     "cifar_fs": ("CIFAR-FS", "fine", Expect(per_class=600), "14bc061e212cff1b"),
-    "fc100": ("FC100", "coarse", Expect(per_class=3000), "099b770dbb66c043"),
+    "fc100": ("FC100", "coarse", Expect(per_class=600, totals={"train": 36000, "val": 12000, "test": 12000}),
+              "099b770dbb66c043"),
 }
+FINE_PER_SUPERCLASS = 5
 
 
 def _get(root: Path) -> str:
@@ -99,13 +101,21 @@ def read_cifar(paths: dict[str, Path], root: Path) -> tuple["np.ndarray", dict, 
 
 
 def find_layout(root: Path, scheme: str, image_size: int = 32) -> Layout:
+    """The fine classes of the CIFAR-100 files under ``root`` (``superclasses``: coarse name -> its fine names)."""
     import numpy as np
 
-    what, level = SCHEMES[scheme][:2]
+    what, level = SCHEMES[scheme][0], "fine"
     paths = find_files(root)
     images, labels, names = read_cifar(paths, root)
     counts = dict(zip(names[level], np.bincount(labels[level], minlength=len(names[level])).tolist()))
     index = {n: i for i, n in enumerate(names[level])}
+    superclasses: dict[str, list[str]] = {}
+    for f in sorted(set(labels["fine"].tolist())):
+        coarse = sorted(set(labels["coarse"][labels["fine"] == f].tolist()))
+        if len(coarse) != 1:
+            raise DataError(f"the CIFAR-100 files under {root} put class {names['fine'][f]} in {len(coarse)} "
+                            f"superclasses: {_get(root)}")
+        superclasses.setdefault(names["coarse"][coarse[0]], []).append(names["fine"][f])
 
     def fill(out: "np.ndarray", classes: list[str]) -> None:
         from fewshot_runner.data.published import hwc_to_chw
@@ -123,7 +133,22 @@ def find_layout(root: Path, scheme: str, image_size: int = 32) -> Layout:
     key = {"layout": "cifar-100-python", "files": fingerprint(list(paths.values())), "image_size": image_size,
            "level": level}
     return Layout(scheme, what, root, "CIFAR-100 python files", [str(p) for p in paths.values()], counts,
-                  (3, image_size, image_size), key, fill, _get(root))
+                  (3, image_size, image_size), key, fill, _get(root), superclasses)
+
+
+def fine_classes(names: dict[str, list[str]], layout: Layout, published: bool) -> dict[str, list[str]]:
+    """FC100's classes per split: the fine classes of each split's superclasses (published: 5 each)."""
+    out = {}
+    for s, supers in names.items():
+        out[s] = []
+        for sup in supers:
+            fine = layout.groups.get(sup, [])
+            if not fine or (published and len(fine) != FINE_PER_SUPERCLASS):
+                raise MissingData(f"FC100 under {layout.root} has {len(fine)} classes of superclass {sup} ({s} split) "
+                                  f"where CIFAR-100 has {FINE_PER_SUPERCLASS}: the copy is partial; {layout.get}",
+                                  layout.found, [f"classes of superclass {sup}"], layout.get)
+            out[s] += fine
+    return out
 
 
 def inspect(scheme: str, root: str | None = None, image_size: int = 32, *,
@@ -131,9 +156,11 @@ def inspect(scheme: str, root: str | None = None, image_size: int = 32, *,
             cache_dir: str | os.PathLike | None = None) -> Inspection:
     """What ``CIFAR_FS`` (scheme "cifar_fs") or ``FC100`` ("fc100") would read, found and listed."""
     check_image_size(image_size)
-    what, _, published, checksum = SCHEMES[scheme]
+    what, listed, published, checksum = SCHEMES[scheme]
     names = load_split(scheme, what, split_dir, checksum)
     layout = find_layout(resolve_root(ROOT_NAME, root), scheme, image_size)
+    if listed == "coarse":
+        names = fine_classes(names, layout, split_dir is None)
     return Inspection(layout, names, published if expect is None and split_dir is None else expect, cache_dir)
 
 
@@ -158,8 +185,8 @@ def CIFAR_FS(root: str | None = None, image_size: int = 32, *, split_dir: str | 
 
 def FC100(root: str | None = None, image_size: int = 32, *, split_dir: str | os.PathLike | None = None,
           expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> "EpisodicDataset":
-    """FC100 as an EpisodicDataset "fc100": train (12 superclasses), val (4), test (4), trainval; uint8 images
-    (n, 3, image_size, image_size), 3,000 per class (superclass), read lazily from the image store.
+    """FC100 as an EpisodicDataset "fc100": train (60 classes of 12 superclasses), val (20 of 4), test (20 of 4),
+    trainval; uint8 images (n, 3, image_size, image_size), 600 per class, read lazily from the image store.
 
     root: as ``CIFAR_FS``. split_dir, expect, cache_dir: as ``miniimagenet.MiniImageNet``.
     """

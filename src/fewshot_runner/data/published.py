@@ -70,6 +70,7 @@ class Layout:
     fill(out, classes): writes the images of ``classes``, class after class, into ``out``, a uint8
         (sum of their counts, C, H, W) array (a store's memmap).
     get: where to get the data (ends every "partial copy" message).
+    groups: group name -> its classes, where the data set groups them (CIFAR-100: superclass -> classes).
     """
 
     name: str
@@ -82,6 +83,7 @@ class Layout:
     key: dict
     fill: Callable[["np.ndarray", list[str]], None]
     get: str = ""
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
