@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from fewshot_runner.cli import conf_dir
 from fewshot_runner.engine.device import resolve_runtime
 from fewshot_runner.engine.build import build_dataset, build_learner, episode_shapes
+from tiny_copies import config_overrides
 
 CONF = Path(conf_dir())
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
@@ -20,6 +21,7 @@ def test_all_groups_present():
 
 
 OMNIGLOT = "fewshot_runner.data.omniglot.Omniglot"
+TINY_COPIES = ("miniimagenet", "tieredimagenet", "cifar_fs", "fc100", "cub", "image_folder")  # files, no copy here
 EXPERIMENTS = [n for g, n in GROUP_FILES if g == "experiment"]
 
 
@@ -41,13 +43,16 @@ SELECTORS = _selectors()
 
 
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
-def test_config_composes_and_instantiates(compose_cfg, group, name, request, monkeypatch):
+def test_config_composes_and_instantiates(compose_cfg, group, name, request, monkeypatch, tmp_path):
     """Each file with synthetic data (generated: no files needed) unless the data file is the point;
-    data=omniglot reads the real copy (and skips without one).  The experiment presets' own Omniglot
-    data: test_experiment_presets_instantiate_with_their_omniglot_data."""
+    data=omniglot reads the real copy (and skips without one), the published image data sets and
+    image_folder a tiny copy in their format written here (tests/tiny_copies.py).  The experiment presets'
+    own Omniglot data: test_experiment_presets_instantiate_with_their_omniglot_data."""
     overrides = [f"{SELECTORS.get(group, group)}={name}"]
     if group != "data":
         overrides.append("data=synthetic")
+    elif name in TINY_COPIES:
+        overrides += config_overrides(name, tmp_path)
     cfg = compose_cfg(overrides)
     if cfg.data._target_ == OMNIGLOT:
         monkeypatch.setenv("FEWSHOT_DATA", str(request.getfixturevalue("omniglot_root")))

@@ -164,3 +164,25 @@ def write_class_folders(base: Path, classes: list[str], per_class: int = 3, size
             im.save(buf, format=fmt)
             (base / c / f"{c.split('.')[-1]}_{i:04d}{ext}").write_bytes(buf.getvalue())
     return base
+
+
+# ----------------------------------------------------------------------------- for config tests
+def config_overrides(name: str, folder: Path) -> list[str]:
+    """Write a tiny copy for ``data=<name>`` (a published data set or image_folder) under ``folder`` and return
+    the overrides that read it: ``data.root``, a test-only ``data.split_dir``, and 2-way episodes."""
+    if name == "image_folder":
+        write_class_folders(folder / "root", [f"c{k}" for k in range(10)], per_class=2, size=(12, 10))
+        return [f"data.root={folder / 'root'}", "data.n_way=2"]
+    names = tiny_names(name, 2 if name != "fc100" else 1)
+    writers = {"miniimagenet": lambda r: write_mini_pickles(r, names, size=12),
+               "tieredimagenet": lambda r: write_tiered(r, names, size=12),
+               "cub": lambda r: write_class_folders(r / "CUB_200_2011" / "images", class_order(names), size=(12, 10))}
+    if name in ("cifar_fs", "fc100"):
+        fs = tiny_names("cifar_fs", 2)
+        fine = class_order(fs)
+        supers = class_order(tiny_names("fc100", 1))
+        write_cifar(folder / "root", fine, {c: supers[i % 3] for i, c in enumerate(fine)})
+    else:
+        writers[name](folder / "root")
+    split = write_split_dir(folder / "split", fs if name == "cifar_fs" else names)
+    return [f"data.root={folder / 'root'}", f"data.split_dir={split}", "data.n_way=2"]
