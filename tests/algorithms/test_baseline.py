@@ -251,3 +251,16 @@ def test_baseline_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path)
     assert_same_run(unbroken, run)
     at_4 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]
     assert (at_2["cursor"], at_4["cursor"]) == (16, 32)  # 2 and 4 batches of 8 into the first epoch's permutation
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("fit_epochs", 0, "algo.fit_epochs must be a positive integer (got 0)"),
+    ("fit_batch", 2.5, "algo.fit_batch must be a positive integer (got 2.5)"),
+    ("fit_lr", -0.1, "algo.fit_lr must be a positive number (got -0.1)"),
+    ("scale", 0.0, "algo.scale must be a positive number or null (got 0.0)"),
+])
+def test_bad_settings_are_one_clear_line(key, value, message):
+    from fewshot_runner.errors import UserError
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        BaselinePlusPlus(nn.Flatten(), n_way=5, feature_dim=D, **{key: value})

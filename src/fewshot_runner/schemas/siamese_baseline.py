@@ -19,8 +19,6 @@ class SiameseConfig:
 
 @dataclass
 class _BaselineFit:
-    # the cosine scale (Baseline++); null: the authors' rule, 2 for up to 200 classes, 10 above
-    scale: Optional[float] = None
     fit_epochs: int = 100  # test time: epochs of SGD over the support set for each episode's new classifier
     fit_batch: int = 4  # test time: support images per SGD step
     fit_lr: float = 0.01  # test time: SGD learning rate (momentum 0.9, dampening 0.9, weight decay 0.001)
@@ -38,3 +36,5 @@ class BaselineConfig(_BaselineFit):
 @dataclass
 class BaselinePPConfig(_BaselineFit):
     _target_: str = "fewshot_runner.algorithms.baseline.BaselinePlusPlus"
+    # the cosine scale of the training and test heads; null: the authors' rule, 2 for up to 200 classes, 10 above
+    scale: Optional[float] = None
