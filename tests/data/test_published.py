@@ -147,6 +147,15 @@ def test_pickle_of_containers_strings_and_numpy_arrays_loads_python2_style_too(t
         assert np.array_equal(back[b"data"], obj[b"data"]) and back["names"] == obj["names"] and back["n"] == obj["n"]
 
 
+def test_numpy_1_pickles_naming_numpy_core_load(tmp_path):
+    """Pickles written under numpy 1.x (CIFAR-100's, the miniImageNet caches) name numpy.core.multiarray."""
+    data = pickle.dumps({"a": np.arange(6, dtype=np.uint8)}, protocol=2)
+    assert b"cnumpy._core.multiarray\n_reconstruct" in data
+    path = tmp_path / "old.pkl"
+    path.write_bytes(data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    assert load_pickle(path, "a thing", "fix it")["a"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
 def test_torn_pickle_is_one_line(tmp_path):
     path = tmp_path / "torn.pkl"
     path.write_bytes(pickle.dumps({"a": np.zeros(100)})[:50])
