@@ -15,9 +15,7 @@ from fewshot_runner.schemas.data import DataConfig
 @dataclass
 class MiniImageNetConfig(DataConfig):
     _target_: str = "fewshot_runner.data.miniimagenet.MiniImageNet"
-    # null: $FEWSHOT_DATA/miniimagenet, else ~/.cache/fewshot/miniimagenet; holds mini-imagenet-cache-*.pkl
-    # or images/ with train.csv, val.csv, test.csv (`fewshot data check data=miniimagenet` says what is there)
-    root: Optional[str] = None
+    root: Optional[str] = None  # null: $FEWSHOT_DATA/miniimagenet; mini-imagenet-cache-*.pkl or images/ + *.csv
     image_size: int = 84  # pixels per side (the published images are 84 x 84)
     split_dir: Optional[str] = None  # a folder with train.txt, val.txt, test.txt to use instead of the shipped split
 
@@ -26,8 +24,7 @@ class MiniImageNetConfig(DataConfig):
 @dataclass
 class TieredImageNetConfig(DataConfig):
     _target_: str = "fewshot_runner.data.tieredimagenet.TieredImageNet"
-    # null: $FEWSHOT_DATA/tieredimagenet; holds {train,val,test}_labels.pkl with _images.npz or _images_png.pkl
-    root: Optional[str] = None
+    root: Optional[str] = None  # null: $FEWSHOT_DATA/tieredimagenet; *_labels.pkl + *_images.npz or *_images_png.pkl
     image_size: int = 84  # pixels per side (the published images are 84 x 84)
     split_dir: Optional[str] = None  # a folder with train.txt, val.txt, test.txt to use instead of the shipped split
 
