@@ -272,4 +272,5 @@ def test_protonet_trained_here_is_mostly_right_on_omniglot_evaluation_images(omn
             assert sorted(got) == sorted(truth)
             right += sum(got[f] == truth[f] for f in truth)
             total += len(truth)
+    print(f"\nfewshot predict on Omniglot evaluation images: {right}/{total} right")
     assert right / total >= 0.8, f"{right}/{total} right"

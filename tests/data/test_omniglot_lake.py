@@ -143,3 +143,9 @@ def test_real_lake_config_composes_and_vinyals_default_is_unchanged(compose_cfg)
     assert cfg.data.split_scheme == "lake" and cfg.data.within_alphabet is True
     default = compose_cfg([])
     assert default.data.split_scheme == "vinyals" and default.data.within_alphabet is False
+
+
+def test_unknown_scheme_lists_only_omniglots_schemes():
+    """data/splits/ also holds other data sets' class lists (miniimagenet, cub, ...): not Omniglot schemes."""
+    with pytest.raises(DataError, match=r"split scheme 'nope': use data.split_scheme=lake or maml or vinyals$"):
+        load_split_names("nope")

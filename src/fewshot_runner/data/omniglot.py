@@ -81,6 +81,8 @@ _ROTATIONS = ROTATIONS
 MAML_SPLIT = {"train": 1100, "val": 100}  # the rest (423) is test
 MAML_SPLIT_SEED = 1
 GENERATED_SCHEMES = ("maml",)
+# the folders of data/splits/ that hold Omniglot class lists (the other folders there are other data sets')
+SHIPPED_SCHEMES = ("lake", "vinyals")
 
 
 def random_character_split(char_names: list[str], n_train: int = MAML_SPLIT["train"], n_val: int = MAML_SPLIT["val"],
@@ -108,6 +110,9 @@ def load_split_names(scheme: str = "vinyals", split_dir: str | os.PathLike | Non
     Without ``split_dir`` the files shipped in the package (``fewshot_runner/data/splits/<scheme>``)
     are used. Each line is ``Alphabet/characterNN/rotDDD``; ``trainval`` is optional.
     """
+    if split_dir is None and scheme not in SHIPPED_SCHEMES:
+        known = " or ".join(sorted({*SHIPPED_SCHEMES, *GENERATED_SCHEMES}))
+        raise DataError(f"unknown Omniglot split scheme {scheme!r}: use data.split_scheme={known}")
     base = packaged_split_dir(scheme, "Omniglot", GENERATED_SCHEMES) if split_dir is None else Path(split_dir)
     return load_split_files(base, _CLASS_RE, "Alphabet/characterNN/rotDDD")
 
