@@ -276,9 +276,12 @@ def check_values(command: str, cfg) -> None:
         v = OmegaConf.select(cfg, key)
         if v is not None and v < 1:
             fail(f"{key}={v} must be a positive integer")
+    # a regression data set's schema says task_kind = "regression" (schemas/sinusoid.py): one output, n_way 1
+    classification = getattr(OmegaConf.get_type(cfg, "data") if "data" in cfg else None, "task_kind",
+                             "classification") == "classification"
     for key in ("data.n_way", "data.train_n_way"):
         v = OmegaConf.select(cfg, key)
-        if v == 1:
+        if v == 1 and classification:
             fail(f"{key}=1: a 1-way episode has a single class, so every answer is right and the accuracy means "
                  f"nothing; use {key}=2 or more (5 and 20 are the usual)")
     if command == "train":

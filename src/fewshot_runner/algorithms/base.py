@@ -59,8 +59,13 @@ class MetaLearner(nn.Module):
     #: maps).  A backbone without ``forward_map`` is refused for a ``"map"`` learner in one line.
     feature_kind: ClassVar[str] = "flat"
 
+    #: The task kinds (``split.task_kind``: ``"classification"``, ``"regression"``) the learner can learn;
+    #: the engine refuses another in one line before building it, then calls :meth:`set_task_kind`.
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+
     def __init__(self) -> None:
         super().__init__()
+        self.task_kind = "classification"  # set_task_kind (a plain str: task-thread replicas copy it)
         self.progress_step = 0  # set_progress (plain ints: task-thread replicas copy them)
         self.progress_total = 0
 
@@ -89,15 +94,19 @@ class MetaLearner(nn.Module):
         of the training shape from :class:`~fewshot_runner.data.sampler.EpisodeSampler`.  Learners that
         train on plain class-labelled mini-batches (Baseline) or pairs (Siamese) return the data layer's
         class-batch or pair sources over the same ``split`` and ``seed``."""
-        from fewshot_runner.data.sampler import EpisodeSampler
-
-        return EpisodeSampler(split, n_way, n_shot, n_query, seed=seed)
+        return split.episode_sampler(n_way, n_shot, n_query, seed=seed)  # (a regression split's: its task sampler)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups.  The default: one group of every parameter, at
         ``train.outer_lr``.  A learner with learned inner rates may give them a group of their own
         (a dict with ``"params"`` and, say, ``"lr"``)."""
         return [{"params": list(self.parameters())}]
+
+    def set_task_kind(self, kind: str) -> None:
+        """Called once after building, with the task kind of the data (one of :attr:`task_kinds`): a learner
+        that learns several picks its loss and metric here (gradient.py: cross-entropy and ``"acc"``, or the
+        MSE and ``"mse"``).  The default records it as ``task_kind``."""
+        self.task_kind = kind
 
     def set_progress(self, step: int, total: int) -> None:
         """Called before every training step with the steps done so far and ``train.steps`` (also right
@@ -118,8 +127,9 @@ class MetaLearner(nn.Module):
     # ------------------------------------------------------------------ evaluation
     def predict(self, episodes: Episode) -> torch.Tensor:
         """Adapt to (or embed) each task's support set and score its queries: logits (n_tasks,
-        n_query_total, n_way).  Called under ``torch.no_grad()``; learners that adapt by gradient
-        re-enable autograd for their inner loop but build no outer graph."""
+        n_query_total, n_way) (regression: outputs (n_tasks, n_query_total, 1)).  Called under
+        ``torch.no_grad()``; learners that adapt by gradient re-enable autograd for their inner loop but
+        build no outer graph."""
         raise NotImplementedError(f"{type(self).__name__} must define predict(episodes) -> logits")
 
     def embed_episode(self, episodes: Episode) -> dict[str, torch.Tensor] | None:
@@ -148,3 +158,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over (..., n_way) logits and (...) labels, averaged."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of (..., 1) outputs against (...) float targets, averaged over every point."""
+    return (outputs.squeeze(-1) - targets).pow(2).mean()

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fewshot_runner.algorithms.adaptation import Params, UpdateRule, adapt, adapt_batched, adapt_grouped
-from fewshot_runner.algorithms.base import MetaLearner, accuracy, cross_entropy
+from fewshot_runner.algorithms.base import MetaLearner, accuracy, cross_entropy, mse
 from fewshot_runner.backbones.norm import make_transform_safe
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
@@ -83,6 +83,7 @@ class GradientLearner(MetaLearner):
 
     independent_tasks: ClassVar[bool] = True  # per-task losses share only the weights: chunks, task threads
     eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps", "inner_lr")
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification", "regression")  # (loss_fn, metric_fn: below)
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_steps: int, eval_inner_steps: int,
                  batch_tasks: str = "off") -> None:
@@ -115,6 +116,23 @@ class GradientLearner(MetaLearner):
         """Whether training differentiates through the inner gradients (False: first order)."""
         return True
 
+    # ------------------------------------------------------------------ the task kind (set_task_kind)
+    @property
+    def loss_fn(self):
+        """The inner and outer loss: cross-entropy of logits (..., n_way) against class labels, or for
+        regression the MSE of outputs (..., 1) against float targets (...)."""
+        return mse if self.task_kind == "regression" else cross_entropy
+
+    @property
+    def metric_name(self) -> str:
+        """The name of :attr:`metric_fn`'s value in the metrics: ``"acc"``, or ``"mse"`` for regression."""
+        return "mse" if self.task_kind == "regression" else "acc"
+
+    @property
+    def metric_fn(self):
+        """The training metric of outputs and targets (a scalar): the accuracy, or for regression the MSE."""
+        return mse if self.task_kind == "regression" else accuracy
+
     # ------------------------------------------------------------------ shared machinery
     def meta_params(self) -> Params:
         return dict(self.net.named_parameters())
@@ -139,31 +157,32 @@ class GradientLearner(MetaLearner):
     def _adapt_all(self, mode: str, params: Params, episodes: Episode, steps: int, create_graph: bool):
         adapt_fn = adapt_grouped if mode == "groups" else adapt_batched
         return adapt_fn(self.net, params, episodes.support_x, episodes.support_y, episodes.query_x,
-                        self.update_rule(), steps, create_graph=create_graph, keys=self.adapted_keys())
+                        self.update_rule(), steps, create_graph=create_graph, keys=self.adapted_keys(),
+                        loss_fn=self.loss_fn)
 
     def task_loss(self, ep: Episode, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and logits of one task after adaptation from ``params``."""
         fast = adapt(self.net, params, ep.support_x, ep.support_y, self.update_rule(), self.inner_steps,
-                     create_graph=self.second_order(), keys=self.adapted_keys())
+                     create_graph=self.second_order(), keys=self.adapted_keys(), loss_fn=self.loss_fn)
         logits = functional_call(self.net, fast, (ep.query_x,))
-        return cross_entropy(logits, ep.query_y), logits
+        return self.loss_fn(logits, ep.query_y), logits
 
     def meta_loss(self, episodes: Episode):
         params = self.meta_params()
         mode = self.task_mode(episodes)
         if mode != "off":
             logits = self._adapt_all(mode, params, episodes, self.inner_steps, create_graph=self.second_order())
-            loss = cross_entropy(logits, episodes.query_y)  # the mean over tasks of equal-size query sets
-            acc = accuracy(logits.detach(), episodes.query_y)
-            return loss, {"loss": loss.detach(), "acc": acc}
+            loss = self.loss_fn(logits, episodes.query_y)  # the mean over tasks of equal-size query sets
+            acc = self.metric_fn(logits.detach(), episodes.query_y)
+            return loss, {"loss": loss.detach(), self.metric_name: acc}
         losses, accs = [], []
         for t in range(episodes.n_tasks):
             ep = episodes.task(t)
             loss, logits = self.task_loss(ep, params)
             losses.append(loss)
-            accs.append(accuracy(logits.detach(), ep.query_y))
+            accs.append(self.metric_fn(logits.detach(), ep.query_y))
         loss = torch.stack(losses).mean()
-        return loss, {"loss": loss.detach(), "acc": torch.stack(accs).mean()}
+        return loss, {"loss": loss.detach(), self.metric_name: torch.stack(accs).mean()}
 
     def predict(self, episodes: Episode) -> torch.Tensor:
         self.check_n_way(episodes.n_way)
@@ -181,10 +200,23 @@ class GradientLearner(MetaLearner):
             ep = episodes.task(t)
             with torch.enable_grad():
                 fast = adapt(self.net, params, ep.support_x, ep.support_y, rule, self.eval_inner_steps,
-                             create_graph=False, keys=keys)
+                             create_graph=False, keys=keys, loss_fn=self.loss_fn)
             with torch.no_grad():
                 out.append(functional_call(self.net, {k: v.detach() for k, v in fast.items()}, (ep.query_x,)))
         return torch.stack(out)
+
+    def adapted_predict(self, episodes: Episode, steps: int) -> torch.Tensor:
+        """:meth:`predict` after ``steps`` inner steps instead of ``eval_inner_steps`` (0: the meta-learned
+        initialisation itself), for pictures of adaptation (plots_regression.py); outputs (T, Q, n_way).
+        Called under ``torch.no_grad()`` like ``predict``."""
+        if steps < 0:
+            raise UserError(f"adapted_predict: steps={steps} must be >= 0")
+        kept = self.eval_inner_steps
+        self.eval_inner_steps = int(steps)
+        try:
+            return self.predict(episodes)
+        finally:
+            self.eval_inner_steps = kept
 
     def check_n_way(self, n_way: int) -> None:
         if n_way != self.n_way:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fewshot_runner.algorithms.adaptation import Params, ScalarLR, UpdateRule, adapt, grouped_forward
+from fewshot_runner.algorithms.adaptation import LossFn, Params, ScalarLR, UpdateRule, adapt, grouped_forward
 from fewshot_runner.algorithms.base import accuracy, cross_entropy
 from fewshot_runner.algorithms.gradient import GradientLearner
 from fewshot_runner.episode import Episode
@@ -55,10 +55,11 @@ def batch_indices(n_images: int, batch: Optional[int], perms: Optional[torch.Ten
 
 
 def inner_sgd(net: nn.Module, theta: Params, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
-              batch: Optional[int], perms: Optional[torch.Tensor]):
+              batch: Optional[int], perms: Optional[torch.Tensor], loss_fn: LossFn = cross_entropy,
+              metric_fn: LossFn = accuracy):
     """Each task's ``steps`` SGD steps from ``theta`` on its pool x (T, N, ...), y (T, N), one task after
     another.  Returns the adapted weights stacked over tasks (T, *shape) and the mean batch loss and
-    accuracy over tasks and steps (detached)."""
+    accuracy (``metric_fn``: regression, the MSE) over tasks and steps (detached)."""
     rule = ScalarLR(lr)
     phis, losses, accs = [], [], []
     for t in range(x.shape[0]):
@@ -67,18 +68,19 @@ def inner_sgd(net: nn.Module, theta: Params, x: torch.Tensor, y: torch.Tensor, l
             idx = batch_indices(x.shape[1], batch, perms, s)
             xb, yb = (x[t], y[t]) if idx is None else (x[t, idx[t]], y[t, idx[t]])
             out = functional_call(net, fast, (xb,))
-            loss = cross_entropy(out, yb)
+            loss = loss_fn(out, yb)
             grads = torch.autograd.grad(loss, tuple(fast.values()))
             fast = {k: v.detach().requires_grad_() for k, v in rule(fast, dict(zip(fast, grads)), s).items()}
             losses.append(loss.detach())
-            accs.append(accuracy(out.detach(), yb))
+            accs.append(metric_fn(out.detach(), yb))
         phis.append({k: v.detach() for k, v in fast.items()})
     stacked = {k: torch.stack([p[k] for p in phis]) for k in theta}
     return stacked, torch.stack(losses).mean(), torch.stack(accs).mean()
 
 
 def inner_sgd_grouped(net: nn.Module, theta: Params, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
-                      batch: Optional[int], perms: Optional[torch.Tensor]):
+                      batch: Optional[int], perms: Optional[torch.Tensor], loss_fn: LossFn = cross_entropy,
+                      metric_fn: LossFn = accuracy):
     """:func:`inner_sgd` for every task at once: each task's weights are the groups of grouped convolutions
     (Conv4's ``forward_tasks``) and one ``autograd.grad`` of the summed task losses gives each task its own
     gradient.  Same results."""
@@ -94,11 +96,11 @@ def inner_sgd_grouped(net: nn.Module, theta: Params, x: torch.Tensor, y: torch.T
             rows = torch.arange(t, device=x.device).unsqueeze(1)
             xb, yb = x[rows, idx], y[rows, idx]
         out = grouped_forward(net, fast, xb)
-        per_task = torch.stack([cross_entropy(out[i], yb[i]) for i in range(t)])
+        per_task = torch.stack([loss_fn(out[i], yb[i]) for i in range(t)])
         grads = torch.autograd.grad(per_task.sum(), tuple(fast.values()))
         fast = {k: v.detach().requires_grad_() for k, v in rule(fast, dict(zip(fast, grads)), s).items()}
         losses.append(per_task.detach())
-        accs.append((out.detach().argmax(-1) == yb).float().mean(-1))
+        accs.append(torch.stack([metric_fn(out[i].detach(), yb[i]) for i in range(t)]))
     return {k: v.detach() for k, v in fast.items()}, torch.stack(losses).mean(), torch.stack(accs).mean()
 
 
@@ -151,13 +153,14 @@ class Reptile(GradientLearner):
         theta = {k: v.detach() for k, v in self.meta_params().items()}
         inner = inner_sgd_grouped if self.task_mode(batch) == "groups" else inner_sgd
         with torch.enable_grad():
-            phis, loss, acc = inner(self.net, theta, x, y, self.inner_lr, self.inner_steps, self.inner_batch, perms)
+            phis, loss, acc = inner(self.net, theta, x, y, self.inner_lr, self.inner_steps, self.inner_batch, perms,
+                                    loss_fn=self.loss_fn, metric_fn=self.metric_fn)
         eps = self.current_step_size()
         params = self.meta_params()
         with torch.no_grad():
             for k, p in reptile_update(theta, phis, eps).items():
                 params[k].copy_(p)
-        return {"loss": float(loss), "acc": float(acc), "outer_step_size": eps}
+        return {"loss": float(loss), self.metric_name: float(acc), "outer_step_size": eps}
 
     def runs_tasks_one_by_one(self, episodes: Episode) -> bool:
         return False  # its own outer step: never spread over the engine's task threads
@@ -179,7 +182,7 @@ class Reptile(GradientLearner):
             ep = episodes.task(t)
             with torch.enable_grad():
                 fast = adapt(self.net, params, ep.support_x, ep.support_y, self.update_rule(), self.eval_inner_steps,
-                             create_graph=False)
+                             create_graph=False, loss_fn=self.loss_fn)
             out.append(each_with_support(self.net, {k: v.detach() for k, v in fast.items()}, ep.support_x,
                                          ep.query_x))
         return torch.stack(out)

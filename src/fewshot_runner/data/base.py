@@ -71,6 +71,21 @@ class ClassSplit:
         labels = torch.arange(n_classes).repeat_interleave(per)
         return cls(name, images.reshape(n_classes * per, *images.shape[2:]), labels, class_names)
 
+    # The two split-level methods the engine asks any split (a regression data set's split has its own:
+    # data/sinusoid.py), so it never tests what kind of split it holds.
+    def check_episode_shape(self, n_way: int, n_shot: int, n_query: int) -> None:
+        """A one-line DataError when this split cannot serve such episodes (data/sampler.py)."""
+        from fewshot_runner.data.sampler import check_episode_shape
+
+        check_episode_shape(self, n_way, n_shot, n_query)
+
+    def episode_sampler(self, n_way: int, n_shot: int, n_query: int, seed: int):
+        """This split's episodes as a batch source (``sample`` / ``state_dict`` / ``load_state_dict``):
+        an ``EpisodeSampler``; ``data.sampler.fixed_episodes`` draws evaluation episodes through it."""
+        from fewshot_runner.data.sampler import EpisodeSampler
+
+        return EpisodeSampler(self, n_way, n_shot, n_query, seed)
+
 
 @dataclass
 class EpisodicDataset:

@@ -118,7 +118,7 @@ def fixed_episodes(split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
     first episodes of a longer run are those of a shorter one (a last, partial block is a full one
     cut short).
     """
-    sampler = EpisodeSampler(split, n_way, n_shot, n_query, seed)
+    sampler = split.episode_sampler(n_way, n_shot, n_query, seed)  # (any split: a ClassSplit's is an EpisodeSampler)
     done = 0
     while done < n_episodes:
         n = min(EPISODE_BLOCK, n_episodes - done)

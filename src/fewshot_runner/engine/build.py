@@ -86,19 +86,29 @@ def episode_shapes(data_cfg) -> tuple[Shape, Shape]:
     return tr, ev
 
 
-def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime) -> MetaLearner:
+def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime,
+                  task_kind: str = "classification") -> MetaLearner:
     """The backbone, then the learner around it (``n_way``: the training shape's, for fixed heads), on the
-    runtime's device and memory format; ``device.compile`` applied."""
+    runtime's device and memory format; ``device.compile`` applied.  ``task_kind``: the data's
+    (``split.task_kind``); a learner that cannot learn it is refused in one line, else told it
+    (``set_task_kind``)."""
+    check_task_kind(learner_class(cfg.algo), task_kind)
     backbone = instantiate_node(cfg.backbone, x_shape=tuple(x_shape))
     with torch.no_grad():
         was = backbone.training
         backbone.train()
-        feature_dim = int(backbone(torch.zeros(2, *x_shape)).shape[-1])
+        try:
+            feature_dim = int(backbone(torch.zeros(2, *x_shape)).shape[-1])
+        except RuntimeError as e:  # (a conv net given 1-d points, ...)
+            raise UserError(f"backbone {type(backbone).__name__} cannot take this data set's inputs of shape "
+                            f"{tuple(x_shape)} ({str(e).splitlines()[0][:100]}); choose a backbone that fits them "
+                            f"(1-d inputs such as data=sinusoid's: backbone=mlp_sinusoid or backbone=mlp)") from None
         backbone.train(was)
     algo = instantiate_node(cfg.algo, backbone=backbone, n_way=n_way, feature_dim=feature_dim)
     if not isinstance(algo, MetaLearner):
         raise UserError(f"algo._target_={cfg.algo._target_} is not a MetaLearner (fewshot_runner.algorithms.base); "
                         f"choose a learner with algo=NAME (`fewshot list`)")
+    algo.set_task_kind(task_kind)
     check_backbone(type(algo), backbone)
     algo = algo.to(runtime.device)
     if runtime.channels_last:
@@ -122,6 +132,18 @@ def learner_class(algo_cfg) -> type:
     except (ImportError, AttributeError, ValueError):
         raise UserError(f"algo._target_={algo_cfg._target_} cannot be imported (no such module or class); "
                         f"choose a learner with algo=NAME (`fewshot list`)") from None
+
+
+def check_task_kind(learner_cls: type, task_kind: str) -> None:
+    """A learner that cannot learn the data's task kind (its ``task_kinds``, algorithms/base.py) is refused
+    in one line, before anything is built (a class that is not a MetaLearner is refused later)."""
+    if not (isinstance(learner_cls, type) and issubclass(learner_cls, MetaLearner)):
+        return
+    if task_kind not in learner_cls.task_kinds:
+        raise UserError(f"{learner_cls.__name__} cannot learn {task_kind} tasks (it learns "
+                        f"{' and '.join(learner_cls.task_kinds)} tasks only); for this data set choose a learner "
+                        f"that adapts by gradient steps (algo=maml, fomaml, metasgd, anil or reptile), or give it "
+                        f"{learner_cls.task_kinds[0]} data")
 
 
 def check_backbone(learner_cls: type[MetaLearner], backbone: torch.nn.Module) -> None:

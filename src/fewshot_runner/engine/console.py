@@ -86,19 +86,24 @@ def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
 
 
 def metrics_text(metrics: Mapping[str, Any] | None = None, lr: float | None = None,
-                 best_val: float | None = None) -> str:
-    """``loss 0.412  acc 87.30 %  lr 1.0e-03  best val 91.20 %``: labelled, accuracies in %."""
+                 best_val: float | None = None, best_val_name: str = "acc") -> str:
+    """``loss 0.412  acc 87.30 %  lr 1.0e-03  best val 91.20 %``: labelled, accuracies in %.  Regression
+    (``best_val_name="mse"``): ``loss 0.412  mse 0.4120  lr 1.0e-03  best val mse 0.3810``."""
     metrics = metrics or {}
     parts = []
-    loss, acc = _metric(metrics, "loss"), _metric(metrics, "acc")
+    loss, acc, mse = _metric(metrics, "loss"), _metric(metrics, "acc"), _metric(metrics, "mse")
     if loss is not None:
         parts.append(f"loss {loss:.3f}")
     if acc is not None:
         parts.append(f"acc {100 * acc:.2f} %")
+    if mse is not None:
+        parts.append(f"mse {mse:.4f}")
     if lr is not None:
         parts.append(f"lr {lr:.1e}")
-    if best_val is not None and best_val >= 0:
+    if best_val_name == "acc" and best_val is not None and best_val >= 0:
         parts.append(f"best val {100 * best_val:.2f} %")
+    elif best_val_name != "acc" and best_val is not None and best_val < float("inf"):
+        parts.append(f"best val {best_val_name} {best_val:.4f}")
     return "  ".join(parts)
 
 
@@ -141,15 +146,16 @@ class TrainProgress:
         return self.window.eta(self.step, self.total)
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None, lr: float | None = None,
-               best_val: float | None = None) -> None:
+               best_val: float | None = None, best_val_name: str = "acc") -> None:
         """``metrics``: ``loss``/``acc`` (or ``train/loss``/``train/acc``; acc a fraction); ``lr`` the
-        learning rate; ``best_val`` the best validation accuracy so far (a fraction; None or < 0: none yet)."""
+        learning rate; ``best_val`` the best validation accuracy so far (a fraction; None or < 0: none yet),
+        or with ``best_val_name="mse"`` the lowest validation MSE (inf: none yet)."""
         now = time.monotonic()
         self.step = int(step)
         self.window.add(self.step, now)
         if self._first is None:
             self._first = (now, self.step)
-        detail = metrics_text(metrics, lr, best_val)
+        detail = metrics_text(metrics, lr, best_val, best_val_name)
         rate, eta = self.window.rate, self.eta_s
         parts = [f"step {self.step}/{self.total}", detail, speed_text(rate), f"elapsed {clock(self.elapsed)}",
                  f"ETA {clock(eta)}"]

@@ -10,13 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewshot_runner import __version__
 from fewshot_runner.algorithms.base import MetaLearner
-from fewshot_runner.data.sampler import check_episode_shape
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.build import (build_dataset, build_learner, build_transforms, close_logger, episode_shapes,
                                          learner_class, make_run_logger, run_runtime)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import eval_weights
-from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.evaluate import evaluate, task_metric
 from fewshot_runner.engine.pictures import save_pictures
 from fewshot_runner.engine.messages import say, write_json
 from fewshot_runner.engine.rundir import make_run_dir
@@ -79,10 +78,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
         dataset = build_dataset(saved.data)
     tr, ev = episode_shapes(saved.data)
     split = dataset.split(cfg.eval.split)
-    check_episode_shape(split, ev.n_way, ev.n_shot, ev.n_query)
+    split.check_episode_shape(ev.n_way, ev.n_shot, ev.n_query)  # (any split: data/base.py, data/sinusoid.py)
+    m = task_metric(split.task_kind)  # accuracy, or a regression's MSE
     train_n_way = state["config"]["data"].get("train_n_way") or state["config"]["data"]["n_way"]
     with _built_from(cfg.checkpoint, state):
-        algo = build_learner(saved, dataset.x_shape, train_n_way, runtime)
+        algo = build_learner(saved, dataset.x_shape, train_n_way, runtime, split.task_kind)
     try:
         algo.load_state_dict(eval_weights(state))
     except RuntimeError as e:
@@ -92,7 +92,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     _, eval_tf = build_transforms(saved.data, channels=dataset.x_shape[0])
     test = evaluate(algo, split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, runtime, transform=eval_tf)
-    results = {"test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
+    results = {f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
                "test/split": cfg.eval.split, "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
                **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision,
@@ -101,8 +101,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     pictures = save_pictures(algo, split, ev, runtime, eval_tf, run_dir, cfg.eval.seed + 1)
     messages = _log_eval(cfg, run_dir, saved, results, pictures)
     console.print(results_table(
-        f"eval {Path(cfg.checkpoint).name}: {ev.n_way}-way {ev.n_shot}-shot, {cfg.eval.split}",
-        [("acc", f"{100 * test['acc']:.2f} % ± {100 * test['ci95']:.2f}"), ("episodes", str(test["n_episodes"])),
+        f"eval {Path(cfg.checkpoint).name}: {m.shape_text(ev.n_way, ev.n_shot)}, {cfg.eval.split}",
+        [(m.name, m.text(test[m.name], test["ci95"])), ("episodes", str(test["n_episodes"])),
          ("run dir", str(run_dir))]))
     for m in messages:
         say(m)
@@ -118,7 +118,7 @@ def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[s
     try:
         logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
                            "trained": OmegaConf.to_container(saved, resolve=True)})
-        logger.log_metrics({k: v for k, v in results.items() if k in ("test/acc", "test/ci95", "test/n_episodes")},
+        logger.log_metrics({k: v for k, v in results.items() if k.startswith("test/") and k != "test/split"},
                            results["step"])
         logger.log_other("checkpoint", results["checkpoint"])
         for path, name in pictures:

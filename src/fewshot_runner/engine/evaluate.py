@@ -1,14 +1,67 @@
-"""Evaluation on fixed episodes: mean accuracy and 95 % confidence interval."""
+"""Evaluation on fixed episodes: the mean of a per-task score (accuracy, or the MSE of a regression
+task) and its 95 % confidence interval."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from fewshot_runner.data.base import ClassSplit
 from fewshot_runner.data.sampler import fixed_episodes
 from fewshot_runner.engine.device import Runtime
+from fewshot_runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """How the tasks of a kind (``split.task_kind``) are scored: ``name`` (the metric keys ``val/<name>``,
+    ``val/best_<name>``, ``test/<name>``), ``per_task(outputs (T, Q, n_out), targets (T, Q)) -> (T,)``,
+    which way is better, the worst value (where the best validation score starts) and how a value reads."""
+
+    name: str
+    per_task: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    higher_is_better: bool
+    worst: float
+    percent: bool  # shown as a percentage (accuracy)
+    shape: str  # how an episode shape reads in titles: a format of n_way and n_shot
+
+    def shape_text(self, n_way: int, n_shot: int) -> str:
+        return self.shape.format(n_way=n_way, n_shot=n_shot)
+
+    def better(self, value: float, best: float) -> bool:
+        return value > best if self.higher_is_better else value < best
+
+    def value_text(self, value: float) -> str:
+        return f"{100 * value:.2f} %" if self.percent else f"{value:.4f}"
+
+    def text(self, mean: float, ci95: float) -> str:
+        """``87.30 % ± 0.20`` (accuracy) or ``0.1234 ± 0.0100`` (MSE)."""
+        return (f"{100 * mean:.2f} % ± {100 * ci95:.2f}" if self.percent else f"{mean:.4f} ± {ci95:.4f}")
+
+
+def per_task_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The fraction of each task's queries classified right: logits (T, Q, n_way), labels (T, Q) -> (T,)."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def per_task_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each task's mean squared error over its query points: outputs (T, Q, 1), targets (T, Q) -> (T,)."""
+    return (outputs.squeeze(-1) - targets).pow(2).mean(-1)
+
+
+TASK_METRICS = {"classification": TaskMetric("acc", per_task_accuracy, True, -1.0, True, "{n_way}-way {n_shot}-shot"),
+                "regression": TaskMetric("mse", per_task_mse, False, math.inf, False, "K={n_shot} regression")}
+
+
+def task_metric(kind: str) -> TaskMetric:
+    """The :class:`TaskMetric` of a task kind (``split.task_kind``)."""
+    if kind not in TASK_METRICS:
+        raise UserError(f"a data set whose splits say task_kind={kind!r}: the engine scores only "
+                        f"{', '.join(TASK_METRICS)} tasks; give its splits one of those")
+    return TASK_METRICS[kind]
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -32,13 +85,18 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
              chunk: int, runtime: Runtime, transform=None) -> dict[str, float]:
     """Accuracy of ``algo`` on ``n_episodes`` episodes fixed by ``seed``, evaluated at most ``chunk`` at a
     time (speed and memory only); restores train mode.  ``transform``: the data set's evaluation
-    transform (data/transforms.py; never random), applied to the inputs on the device."""
+    transform (data/transforms.py; never random), applied to the inputs on the device.
+
+    Returns ``{name: mean, "ci95": half-width, "n_episodes": n}`` with the name of the split's
+    :class:`TaskMetric`: ``"acc"``, or ``"mse"`` for a regression split (the mean of the per-task MSE).
+    """
+    metric = task_metric(split.task_kind)
     was_training = algo.training
     algo.eval()
     accs = []
     try:
         with torch.no_grad():
-            for block in fixed_episodes(split, n_way, n_shot, n_query, n_episodes, seed):
+            for block in fixed_episodes(split, n_way, n_shot, n_query, n_episodes, seed):  # (any split)
                 block = block.to(runtime.device)  # one copy per block; the groups are views of it
                 if transform is not None:
                     block = block.map_inputs(transform)
@@ -48,9 +106,9 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
                     eps = block.tasks(start, start + step)
                     with runtime.autocast():
                         logits = algo.predict(eps)
-                    accs.append((logits.argmax(-1) == eps.query_y).float().mean(-1).cpu())
+                    accs.append(metric.per_task(logits, eps.query_y).cpu())
     finally:
         algo.train(was_training)
     acc = torch.cat(accs)
     mean, ci = mean_ci95(acc)
-    return {"acc": mean, "ci95": ci, "n_episodes": int(acc.numel())}
+    return {metric.name: mean, "ci95": ci, "n_episodes": int(acc.numel())}

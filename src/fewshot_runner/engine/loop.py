@@ -24,7 +24,7 @@ from fewshot_runner.engine.build import Shape
 from fewshot_runner.engine.console import training_progress
 from fewshot_runner.engine.device import Runtime
 from fewshot_runner.engine.ema import WeightAverage
-from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.evaluate import TASK_METRICS, TaskMetric, evaluate
 from fewshot_runner.engine.faults import FaultPlan, poisoned
 from fewshot_runner.engine.graphs import GraphedStep
 from fewshot_runner.engine.memory import ChunkPlanner
@@ -64,13 +64,14 @@ class TrainingRun:
     config_plain: dict
     t_start: float
     step: int = 0
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # the best validation score of ``metric`` (regression: lowest MSE), as best_val_acc
     best_step: int = -1
     wall_before: float = 0.0
     saved_at: int = -1
     window: dict[str, list[float]] = field(default_factory=dict)
     resume_state: dict | None = None  # the checkpoint resumed from, until its RNG state is restored
     resume_path: Path | None = None
+    metric: TaskMetric = TASK_METRICS["classification"]  # how validation scores (the val split's task kind)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -162,16 +163,17 @@ class TrainingRun:
             val = evaluate(self.algo, self.val_split, ev.n_way, ev.n_shot, ev.n_query, cfg.train.val_episodes,
                            cfg.eval.seed, cfg.eval.chunk, self.runtime, transform=self.eval_transform)
         self.faults.at("val", self.step)
-        improved = val["acc"] > self.best_acc
+        m = self.metric  # accuracy: the highest is best; a regression's MSE: the lowest
+        improved = m.better(val[m.name], self.best_acc)
         if improved:
-            self.best_acc, self.best_step = val["acc"], self.step
-        self.logger.log_metrics({"val/acc": val["acc"], "val/ci95": val["ci95"], "val/best_acc": self.best_acc},
-                                self.step)
+            self.best_acc, self.best_step = val[m.name], self.step
+        self.logger.log_metrics({f"val/{m.name}": val[m.name], "val/ci95": val["ci95"],
+                                 f"val/best_{m.name}": self.best_acc}, self.step)
         if improved:
             self.save("best.pt")
-        say(f"step {self.step}/{cfg.train.steps}  val acc {100 * val['acc']:.2f} % ± {100 * val['ci95']:.2f}  "
+        say(f"step {self.step}/{cfg.train.steps}  val {m.name} {m.text(val[m.name], val['ci95'])}  "
             + ("best so far, saved best.pt" if improved
-               else f"best {100 * self.best_acc:.2f} % at step {self.best_step}"))
+               else f"best {m.value_text(self.best_acc)} at step {self.best_step}"))
 
     # ------------------------------------------------------------------ the loop
     def loop(self) -> None:
@@ -206,7 +208,7 @@ class TrainingRun:
                     self.window.clear()
                     self.logger.log_metrics(logged, step)
                     progress.update(step, logged, lr=logged["train/lr"],
-                                    best_val=self.best_acc if self.validate else None)
+                                    best_val=self.best_acc if self.validate else None, best_val_name=self.metric.name)
                 if self.validate and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
                     self.run_validation()
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:

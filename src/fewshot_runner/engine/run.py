@@ -27,14 +27,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot_runner import __version__
-from fewshot_runner.data.sampler import check_episode_shape
 from fewshot_runner.engine import checkpoint as ckpt
 from fewshot_runner.engine.build import (build_dataset, build_learner, build_transforms, close_logger, episode_shapes,
                                          make_optimizer, make_run_logger, make_scheduler, prefetched, run_runtime,
                                          seed_everything)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import WeightAverage, eval_weights
-from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.evaluate import evaluate, task_metric
 from fewshot_runner.engine.faults import FaultPlan
 from fewshot_runner.engine.loop import TrainingRun
 from fewshot_runner.engine.messages import say, write_json
@@ -101,13 +100,13 @@ def setup(cfg: DictConfig, run_dir: Path, stop: StopFlag, t_start: float, faults
     train_split, test_split = dataset.split(cfg.train.split), dataset.split(cfg.eval.split)
     validate = cfg.train.split != "trainval"  # trainval holds the validation classes: keep the last model
     val_split = dataset.split("val") if validate else None
-    check_episode_shape(train_split, tr.n_way, tr.n_shot, tr.n_query)
+    train_split.check_episode_shape(tr.n_way, tr.n_shot, tr.n_query)  # (any split: data/base.py, data/sinusoid.py)
     for split in (val_split or dataset.split("val"), test_split):
-        check_episode_shape(split, ev.n_way, ev.n_shot, ev.n_query)
+        split.check_episode_shape(ev.n_way, ev.n_shot, ev.n_query)
     train_tf, eval_tf = build_transforms(cfg.data, channels=dataset.x_shape[0])
 
     seed_everything(cfg.seed)
-    algo = build_learner(cfg, dataset.x_shape, tr.n_way, runtime)
+    algo = build_learner(cfg, dataset.x_shape, tr.n_way, runtime, train_split.task_kind)
     algo.check_n_way(ev.n_way)
     optimizer = make_optimizer(cfg, algo)
     scheduler = make_scheduler(optimizer, cfg.train)
@@ -121,7 +120,8 @@ def setup(cfg: DictConfig, run_dir: Path, stop: StopFlag, t_start: float, faults
                       average=average, source=source, val_split=val_split, eval_shape=ev, train_transform=train_tf,
                       eval_transform=eval_tf, planner=planner, graphed=graphed, logger=None,
                       faults=faults, stop=stop, config_plain=OmegaConf.to_container(cfg, resolve=True),
-                      t_start=t_start)
+                      t_start=t_start, metric=task_metric(test_split.task_kind))
+    run.best_acc = run.metric.worst  # (accuracy: -1; a regression's MSE: inf)
     run.resume_state, run.resume_path = state, resume_path
     if state is not None:
         restore_training_state(state, resume_path, cfg, algo, optimizer, scheduler, source, average)
@@ -176,7 +176,7 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
     from fewshot_runner.engine.pictures import save_pictures
     from fewshot_runner.plots import save_curves
 
-    cfg, algo, ev = run.cfg, run.algo, run.eval_shape
+    cfg, algo, ev, m = run.cfg, run.algo, run.eval_shape, run.metric
     best_path = run.ckpt_dir / "best.pt"
     if best_path.exists():
         algo.load_state_dict(eval_weights(ckpt.load_checkpoint(best_path)))
@@ -185,15 +185,15 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
     test = evaluate(algo, test_split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, run.runtime, transform=run.eval_transform)
     results = {
-        "test/acc": test["acc"], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
-        "test/split": cfg.eval.split, "val/best_acc": run.best_acc if run.validate else None,
+        f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
+        "test/split": cfg.eval.split, f"val/best_{m.name}": run.best_acc if run.validate else None,
         "train/split": cfg.train.split, "best_step": run.best_step, "steps": run.step,
         "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": run.wall_time(),
         "checkpoint": str(best_path if best_path.exists() else run.ckpt_dir / "last.pt"),
         "precision": run.runtime.precision, "package_version": __version__,
         "data/split_checksum": getattr(test_split, "split_checksum", None),
     }
-    run.logger.log_metrics({"test/acc": test["acc"], "test/ci95": test["ci95"]}, run.step)
+    run.logger.log_metrics({f"test/{m.name}": test[m.name], "test/ci95": test["ci95"]}, run.step)
     curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     if curves:
         run.logger.log_image(curves, "curves")
@@ -206,13 +206,14 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
 
 def report(run: TrainingRun, results: dict[str, Any]) -> None:
     """Close the loggers and print the results table."""
-    cfg, ev = run.cfg, run.eval_shape
+    cfg, ev, m = run.cfg, run.eval_shape, run.metric
     messages = close_logger(run.logger)
     console.print(results_table(
-        f"{cfg.data._target_.rsplit('.', 1)[-1]} {ev.n_way}-way {ev.n_shot}-shot: {cfg.algo._target_.rsplit('.', 1)[-1]}",
-        [("test acc", f"{100 * results['test/acc']:.2f} % ± {100 * results['test/ci95']:.2f}"),
+        f"{cfg.data._target_.rsplit('.', 1)[-1]} {m.shape_text(ev.n_way, ev.n_shot)}: "
+        f"{cfg.algo._target_.rsplit('.', 1)[-1]}",
+        [(f"test {m.name}", m.text(results[f"test/{m.name}"], results["test/ci95"])),
          ("test episodes", str(results["test/n_episodes"])),
-         ("best val acc", f"{100 * run.best_acc:.2f} % (step {run.best_step})" if run.validate
+         (f"best val {m.name}", f"{m.value_text(run.best_acc)} (step {run.best_step})" if run.validate
           else f"none: trained on {cfg.train.split}, the last model (step {run.best_step}) kept"),
          ("steps", str(run.step)), ("wall time", f"{results['wall_time_s']:.0f} s"), ("run dir", str(run.run_dir))]))
     for m in messages:

@@ -23,6 +23,8 @@ from hydra.experimental.callback import Callback
 FAILED_FILE = "failed.json"
 ERROR_LOG = "error.log"
 RESULT_COLUMNS = ("status", "val/best_acc", "test/acc", "test/ci95", "wall_time_s", "error")
+# a sweep of regression runs (results.json with test/mse, engine/evaluate.py): the MSE, lower is better
+MSE_COLUMNS = ("status", "val/best_mse", "test/mse", "test/ci95", "wall_time_s", "error")
 
 
 # ----------------------------------------------------------------------------- per job
@@ -102,6 +104,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if res.exists():
             r = json.loads(res.read_text())
             row.update({k: r.get(k) for k in ("val/best_acc", "test/acc", "test/ci95", "wall_time_s")})
+            row.update({k: r[k] for k in ("val/best_mse", "test/mse") if k in r})  # (regression runs)
             row["status"] = "done"
         elif failed.exists():
             row["status"] = "failed"
@@ -154,6 +157,20 @@ def _test_cell(r: dict[str, Any]) -> str:
     return "" if r["test/acc"] is None else f"{_pct(r['test/acc'])} ± {_pct(r['test/ci95'] or 0.0)}"
 
 
+def summary_metric(rows: list[dict[str, Any]]) -> str:
+    """``"mse"`` when the jobs are regression runs (their results hold test/mse), else ``"acc"``."""
+    return "mse" if any(r.get("test/mse") is not None or r.get("val/best_mse") is not None for r in rows) else "acc"
+
+
+def _score_cells(r: dict[str, Any], metric: str) -> tuple[str, str]:
+    """(best validation, test) cells: accuracies in %, or MSEs as they are."""
+    if metric == "acc":
+        return _pct(r["val/best_acc"]), _test_cell(r)
+    num = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    test = "" if r.get("test/mse") is None else f"{num(r['test/mse'])} ± {num(r['test/ci95'] or 0.0)}"
+    return num(r.get("val/best_mse")), test
+
+
 def _wall_cell(r: dict[str, Any]) -> str:
     return "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f}"
 
@@ -178,6 +195,7 @@ class Summary:
     swept: list[str]
     constant: dict[str, str]
     files: list[Path] = field(default_factory=list)
+    metric: str = "acc"  # "mse": regression runs (summary_metric)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -189,25 +207,28 @@ def write_summary(sweep_dir: Path, sweep_overrides: list[str] = ()) -> Summary:
     sweep_dir = Path(sweep_dir)
     rows = collect_rows(sweep_dir)
     swept, constant = swept_and_constant(rows, sweep_overrides)
-    s = Summary(sweep_dir, rows, swept, constant)
+    metric = summary_metric(rows)
+    s = Summary(sweep_dir, rows, swept, constant, metric=metric)
+    columns = RESULT_COLUMNS if metric == "acc" else MSE_COLUMNS
 
     csv_path = sweep_dir / "summary.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", *swept, *RESULT_COLUMNS, "overrides"])
+        w.writerow(["job", *swept, *columns, "overrides"])
         for r in rows:
             ov = dict(map(_split, r["overrides"]))
             w.writerow([r["job"], *(ov.get(k, "") for k in swept),
-                        *("" if r.get(c) is None else r[c] for c in RESULT_COLUMNS), " ".join(r["overrides"])])
+                        *("" if r.get(c) is None else r[c] for c in columns), " ".join(r["overrides"])])
 
     md_path = sweep_dir / "summary.md"
+    scores = ["best val acc (%)", "test acc (%)"] if metric == "acc" else ["best val mse", "test mse (lower is better)"]
     lines = [f"# {_title(constant)}", "", f"`{sweep_dir}`", "",
-             "| job | " + " | ".join(swept + ["status", "best val acc (%)", "test acc (%)", "wall time (s)"]) + " |",
+             "| job | " + " | ".join(swept + ["status", *scores, "wall time (s)"]) + " |",
              "|---" * (len(swept) + 5) + "|"]
     for r in rows:
         ov = dict(map(_split, r["overrides"]))
-        cells = [str(r["job"]), *(ov.get(k, "") for k in swept), r["status"], _pct(r["val/best_acc"]),
-                 _test_cell(r), _wall_cell(r)]
+        cells = [str(r["job"]), *(ov.get(k, "") for k in swept), r["status"], *_score_cells(r, metric),
+                 _wall_cell(r)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if s.failed:
         lines += ["", "## Jobs that did not finish", ""]
@@ -217,6 +238,8 @@ def write_summary(sweep_dir: Path, sweep_overrides: list[str] = ()) -> Summary:
     s.files = [csv_path, md_path]
 
     png_path = sweep_dir / "summary.png"
+    if metric != "acc":  # (plots.save_sweep_summary_plot draws test accuracies only)
+        return s
     try:
         from fewshot_runner.plots import save_sweep_summary_plot
 
@@ -240,13 +263,14 @@ def print_summary(s: Summary) -> None:
     for k, short in zip(s.swept, last):  # a key's last part where unambiguous: the md and csv have it whole
         table.add_column(short if last.count(short) == 1 else k, overflow="fold")
     table.add_column("status", no_wrap=True)
-    for c in ("best val (%)", "test (%)", "time (s)"):
+    scores = ("best val (%)", "test (%)") if s.metric == "acc" else ("best val mse", "test mse (lower is better)")
+    for c in (*scores, "time (s)"):
         table.add_column(c, justify="right", no_wrap=True)
     for r in s.rows:
         ov = dict(map(_split, r["overrides"]))
         table.add_row(str(r["job"]), *(ov.get(k, "") for k in s.swept),
                       r["status"] if r["status"] == "done" else f"[red]{r['status']}[/red]",
-                      _pct(r["val/best_acc"]), _test_cell(r), _wall_cell(r))
+                      *_score_cells(r, s.metric), _wall_cell(r))
     console = Console(highlight=False)
     console.print(table)
     for r in s.failed:
