@@ -159,11 +159,12 @@ def test_neutral_settings_of_lslr_and_running_statistics_give_mamls_meta_gradien
 
 
 # ----------------------------------------------------------------------------- per-step batch norm by hand
-def by_hand(m: MAMLPlusPlus, ep, steps: int, train: bool):
+def by_hand(m: MAMLPlusPlus, ep, steps: int, train: bool, stats: bool = True):
     """One task with an ordinary deep copy of the net: before inner step k its batch norms get row k of the
     per-step gamma / beta / running statistics (train: batch statistics, updating the rows; else the rows
-    used), a plain backward and an SGD step at rate lr[k] per tensor; the query after step k (train) or after
-    the last (test) uses row k too.  Returns the last query logits and the rows after."""
+    used; ``stats=False``: no running statistics, batch statistics), a plain backward and an SGD step at rate
+    lr[k] per tensor; the query after step k (train) or after the last (test) uses row k too.  Returns the last
+    query logits and the rows after."""
     net = copy.deepcopy(m.net).train(train)
     rows = {k: {b: norm.running_mean.clone() if b == "mean" else norm.running_var.clone() for b in ("mean", "var")}
             for k, norm in m.norms.items()}
@@ -174,7 +175,8 @@ def by_hand(m: MAMLPlusPlus, ep, steps: int, train: bool):
             bn = net.get_submodule(m.norm_names[key])
             bn.weight = nn.Parameter(norm.weight[k].detach().clone(), requires_grad=False)
             bn.bias = nn.Parameter(norm.bias[k].detach().clone(), requires_grad=False)
-            bn.running_mean, bn.running_var = rows[key]["mean"][k], rows[key]["var"][k]  # views: updated in place
+            if stats:
+                bn.running_mean, bn.running_var = rows[key]["mean"][k], rows[key]["var"][k]  # views: updated in place
         loss = F.cross_entropy(net(ep.support_x), ep.support_y)
         g = torch.autograd.grad(loss, adapted)
         with torch.no_grad():
@@ -198,19 +200,22 @@ def test_per_step_batch_norm_by_hand_in_training_and_at_test():
         torch.testing.assert_close(norm.running_mean, rows[key]["mean"], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(norm.running_var, rows[key]["var"], rtol=1e-12, atol=1e-14)
     assert not torch.equal(norm.running_var[0], norm.running_var[1])
-    # test time (eval mode): the rows normalise, nothing is updated, each query is scored alone
-    m.eval()
+    # test time, eval_bn=running: the rows normalise, nothing is updated, each query is scored alone
     before = [b.clone() for b in m.norms.buffers()]
+    m.eval_bn = "running"
     expected, _ = by_hand(m, ep, 2, train=False)
     with torch.no_grad():
-        logits = m.predict(eps)
+        logits = m.predict(eps)  # (predict evaluates as at test in training mode too)
         torch.testing.assert_close(logits[0], expected, rtol=1e-10, atol=1e-12)
         flipped = eps.__class__(eps.support_x, eps.support_y, eps.query_x.flip(1), eps.query_y.flip(1), eps.n_way)
         torch.testing.assert_close(m.predict(flipped), logits.flip(1), rtol=1e-12, atol=1e-14)
-    assert all(torch.equal(a, b) for a, b in zip(m.norms.buffers(), before))
-    m.train()  # predict in training mode normalises with batch statistics and leaves the rows as they were
+    # eval_bn=batch (the default, the paper's code): each set's batch statistics, the rows neither used nor updated
+    m.eval_bn = "batch"
+    expected, _ = by_hand(m, ep, 2, train=False, stats=False)
     with torch.no_grad():
-        assert not torch.allclose(m.predict(eps), logits)
+        batch = m.eval().predict(eps)
+    torch.testing.assert_close(batch[0], expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(batch, logits)
     assert all(torch.equal(a, b) for a, b in zip(m.norms.buffers(), before))
     assert not logits.requires_grad and all(p.grad is None for p in m.parameters())
 
@@ -258,6 +263,7 @@ def test_running_statistics_are_the_same_through_the_fused_batch_norm_ops(channe
     for a, b in zip(ms[0].norms.buffers(), ms[1].norms.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     assert not torch.equal(ms[0].norms["0__blocks__0__bn"].running_var[1], torch.ones(4, dtype=torch.float64))
+    ms[0].eval_bn = ms[1].eval_bn = "running"
     with torch.no_grad():
         torch.testing.assert_close(ms[1].eval().predict(eps), ms[0].eval().predict(eps), rtol=1e-9, atol=1e-12)
 
@@ -272,12 +278,20 @@ def test_running_statistics_run_the_loop_in_one_thread_and_settings_are_checked(
     make_mamlpp(eval_inner_steps=3, **OFF)  # nothing per step: any number of test-time steps
     with pytest.raises(UserError, match="algo.msl_steps=-1"):
         make_mamlpp(msl_steps=-1)
+    with pytest.raises(UserError, match="algo.eval_bn='train' is not batch or running"):
+        make_mamlpp(eval_bn="train")
+    with pytest.raises(UserError, match="algo.eval_bn=running needs the per-step running statistics"):
+        make_mamlpp(eval_bn="running", per_step_bn_stats=False)
+    m.eval_bn = "running"  # evaluation with the rows: the loop; with batch statistics: the execution asked for
+    assert m.eval().task_mode(eps) == "off"
+    m.eval_bn = "batch"
+    assert m.task_mode(eps) == "groups" and m.train().task_mode(eps) == "off"
     assert len(m.param_groups()) == 1
     own = make_mamlpp(rates_lr=1e-4)
     groups = own.param_groups()
     assert groups[1]["lr"] == 1e-4 and len(groups[1]["params"]) == len(list(own.inner_lrs.parameters()))
     assert sum(len(g["params"]) for g in groups) == len(list(own.parameters()))
-    assert MAMLPlusPlus.eval_settings == ("eval_inner_steps",)
+    assert MAMLPlusPlus.eval_settings == ("eval_inner_steps", "eval_bn")
 
 
 def test_a_captured_training_step_is_captured_again_when_the_schedules_change_its_graph():
@@ -326,8 +340,8 @@ def test_mamlpp_smoke_train_then_eval(unbroken, tmp_path):
     lrs = [r["train/lr"] for r in rows if "train/lr" in r]
     assert lrs[0] > lrs[-1]  # cosine
     ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={best}", "algo.eval_inner_steps=1", "eval.n_episodes=6", "device=cpu",
-                 f"hydra.run.dir={ev}"], tmp_path)
+    p = run_cli(["eval", f"checkpoint={best}", "algo.eval_inner_steps=1", "algo.eval_bn=running", "eval.n_episodes=6",
+                 "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
     p = run_cli(["eval", f"checkpoint={best}", "algo.eval_inner_steps=3", "device=cpu",

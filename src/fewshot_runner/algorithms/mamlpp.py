@@ -12,14 +12,20 @@ changes to its inner loop and training, each a switch of ``conf/algo/mamlpp.yaml
   the paper's code indexes them); they are meta-learned, not adapted in the inner loop;
 * per-step running statistics (BNRS, ``per_step_bn_stats``): (inner_steps, C) running mean / variance
   buffers per batch norm; training normalises with the batch statistics and updates step k's row
-  (momentum as the batch norm's, 0.1) at every forward of inner step k, task after task; evaluation
-  (``predict`` in eval mode) normalises with them, step k's row at inner step k;
+  (momentum as the batch norm's, 0.1) at every forward of inner step k, task after task.  Validation and
+  test (``predict`` in eval mode) normalise with them, step k's row at inner step k, with
+  ``eval_bn=running``; with ``eval_bn=batch`` (the default) with each set's batch statistics, as the
+  paper's code does (its batch norm always runs ``training=True``: the statistics are kept, never used).
+  Measured here (Omniglot 5-way 1-shot, 300 steps, the same checkpoint): batch 89.7 %, running 19.8 %
+  (every query scored alike: inner steps through running-statistics batch norm move the activations
+  away from the statistics gathered under batch-statistics steps);
 * derivative-order annealing (DA, ``first_order_until``): first-order meta-gradients before that training
   step, second order from it on;
 * cosine annealing of the outer rate is the engine's ``train.lr_schedule=cosine`` (set by the config).
 
-Executions: with BNRS on, batch norms update shared running statistics in task order, so the tasks run in
-the per-task loop, in one thread (no task threads: their order would not be fixed); without it, every
+Executions: with BNRS on, batch norms update shared running statistics in task order, so training runs the
+per-task loop, in one thread (no task threads: their order would not be fixed), and so does evaluation with
+``eval_bn=running``; otherwise every
 ``device.batch_tasks`` execution of the gradient family applies (vmap, grouped convolutions: the per-step
 weights and the per-step query outputs are the ``step_params`` / ``every_step`` of
 :mod:`~fewshot_runner.algorithms.adaptation`).  All schedules are functions of the training step that the
@@ -78,13 +84,14 @@ class PerStepNorm(nn.Module):
             self.register_buffer("running_mean", torch.zeros(steps, c, dtype=bn.weight.dtype))
             self.register_buffer("running_var", torch.ones(steps, c, dtype=bn.weight.dtype))
 
-    def at(self, name: str, step: int, detach: bool = False) -> Params:
-        """Step ``step``'s values under the batch norm's parameter / buffer names (``name`` in the net)."""
+    def at(self, name: str, step: int, detach: bool = False, stats: bool = True) -> Params:
+        """Step ``step``'s values under the batch norm's parameter / buffer names (``name`` in the net); without
+        ``stats`` no running statistics (the batch norm then uses and updates none)."""
         out: Params = {}
         if self.weights:
             w, b = self.weight[step], self.bias[step]
             out[f"{name}.weight"], out[f"{name}.bias"] = (w.detach(), b.detach()) if detach else (w, b)
-        if self.stats:  # views of the buffers' rows: batch norm updates them in place in training mode
+        if self.stats and stats:  # views of the buffers' rows: batch norm updates them in place in training mode
             out[f"{name}.running_mean"], out[f"{name}.running_var"] = self.running_mean[step], self.running_var[step]
         return out
 
@@ -94,13 +101,14 @@ class MAMLPlusPlus(GradientLearner):
     at test time), with the MAML++ switches of the module docstring.  All switches off (``multi_step_loss``,
     ``lslr``, ``per_step_bn_weights``, ``per_step_bn_stats`` false, ``first_order_until=0``) is MAML.
 
-    ``inner_lr``: the inner rate (LSLR: every learned rate's initial value).  ``msl_steps`` / ``first_order_until``:
+    ``inner_lr``: the inner rate (LSLR: every learned rate's initial value).  ``eval_bn``: what batch norm
+    normalises with at validation and test: ``batch`` (each set's statistics) or ``running`` (BNRS's rows).  ``msl_steps`` / ``first_order_until``:
     training steps; None: the paper's share of ``train.steps`` (MSL annealed over the first 10 % of training:
     10 of 100 epochs in its Omniglot runs; first order for the first half: 50 of 100 epochs).
     """
 
     # the learned rates and per-step batch norms exist for inner_steps steps: the test-time rate is no setting
-    eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps",)
+    eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps", "eval_bn")
     # its losses and metrics are the classifiers' (cross-entropy, accuracy); not yet regression
     task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
@@ -108,11 +116,16 @@ class MAMLPlusPlus(GradientLearner):
                  eval_inner_steps: int = 5, multi_step_loss: bool = True, msl_steps: Optional[int] = None,
                  first_order: bool = False, first_order_until: Optional[int] = None, lslr: bool = True,
                  rates_lr: Optional[float] = None, per_step_bn_weights: bool = True, per_step_bn_stats: bool = True,
-                 batch_tasks: str = "off") -> None:
+                 eval_bn: str = "batch", batch_tasks: str = "off") -> None:
         super().__init__(backbone, n_way, feature_dim, inner_steps, eval_inner_steps, batch_tasks)
         for key, v in (("msl_steps", msl_steps), ("first_order_until", first_order_until)):
             if v is not None and v < 0:
                 raise UserError(f"algo.{key}={v} is negative; use a number of training steps >= 0, or null")
+        if eval_bn not in ("batch", "running"):
+            raise UserError(f"algo.eval_bn={eval_bn!r} is not batch or running; use algo.eval_bn=batch")
+        if eval_bn == "running" and not per_step_bn_stats:
+            raise UserError("algo.eval_bn=running needs the per-step running statistics; set algo.per_step_bn_stats="
+                            "true (and train with it), or use algo.eval_bn=batch")
         per_step = [k for k, on in (("lslr", lslr), ("per_step_bn_weights", per_step_bn_weights),
                                     ("per_step_bn_stats", per_step_bn_stats)) if on]
         if per_step and eval_inner_steps > inner_steps:
@@ -122,6 +135,7 @@ class MAMLPlusPlus(GradientLearner):
         self.inner_lr, self.first_order, self.rates_lr = inner_lr, first_order, rates_lr
         self.multi_step_loss, self.msl_steps, self.first_order_until = multi_step_loss, msl_steps, first_order_until
         self.lslr, self.per_step_bn_weights, self.per_step_bn_stats = lslr, per_step_bn_weights, per_step_bn_stats
+        self.eval_bn = eval_bn
         norms = {}
         for name, m in self.net.named_modules():
             if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not (per_step_bn_weights or per_step_bn_stats):
@@ -185,12 +199,17 @@ class MAMLPlusPlus(GradientLearner):
         # every parameter of the net (the per-step batch-norm values are put in beside them, never adapted)
         return [n for n, _ in self.net.named_parameters()] if len(self.norms) else None
 
-    def step_params(self, step: int, detach: bool = False) -> Params:
-        """Inner step ``step``'s per-step batch-norm values, under the net's names."""
+    def step_params(self, step: int, detach: bool = False, stats: bool = True) -> Params:
+        """Inner step ``step``'s per-step batch-norm values, under the net's names (``stats``: with the running
+        statistics, where the learner keeps them)."""
         out: Params = {}
         for key, norm in self.norms.items():
-            out.update(norm.at(self.norm_names[key], step, detach))
+            out.update(norm.at(self.norm_names[key], step, detach, stats))
         return out
+
+    def uses_running_stats(self) -> bool:
+        """Whether this forward uses (eval, ``eval_bn=running``) or updates (training) the running statistics."""
+        return self.per_step_bn_stats and (self.training or self.eval_bn == "running")
 
     def param_groups(self) -> list[dict[str, Any]]:
         if self.rates_lr is None or not self.lslr:
@@ -201,7 +220,7 @@ class MAMLPlusPlus(GradientLearner):
                 {"params": rates, "lr": float(self.rates_lr)}]
 
     def task_mode(self, episodes: Episode) -> str:
-        return "off" if self.per_step_bn_stats else super().task_mode(episodes)
+        return "off" if self.uses_running_stats() else super().task_mode(episodes)
 
     def runs_tasks_one_by_one(self, episodes: Episode) -> bool:
         # per-step running statistics are updated task after task: no task threads (their order is not fixed)
@@ -209,8 +228,8 @@ class MAMLPlusPlus(GradientLearner):
 
     def execution_notes(self, task_threads: int) -> dict[str, str]:
         if self.per_step_bn_stats:
-            return {"task execution": "the per-task loop in one thread (algo.per_step_bn_stats=true: the running "
-                                      "statistics are updated task after task)"}
+            return {"task execution": "training: the per-task loop in one thread (algo.per_step_bn_stats=true: the "
+                                      "running statistics are updated task after task)"}
         return super().execution_notes(task_threads)
 
     # ------------------------------------------------------------------ the inner loop
@@ -220,7 +239,8 @@ class MAMLPlusPlus(GradientLearner):
         ``every_step``, else 1: after the last), in the execution :meth:`task_mode` picks."""
         mode = self.task_mode(episodes)
         rule, keys = self.update_rule(), self.adapted_keys()
-        steps_of = (lambda k: self.step_params(k, detach_steps)) if len(self.norms) else None
+        stats = self.uses_running_stats()
+        steps_of = (lambda k: self.step_params(k, detach_steps, stats)) if len(self.norms) else None
         if mode != "off":
             fn = adapt_grouped if mode == "groups" else adapt_batched
             out = fn(self.net, params, episodes.support_x, episodes.support_y, episodes.query_x, rule, steps,
@@ -252,9 +272,10 @@ class MAMLPlusPlus(GradientLearner):
 
     def predict(self, episodes: Episode) -> torch.Tensor:
         self.check_n_way(episodes.n_way)
-        kept = [b.clone() for b in self.norms.buffers()] if self.training else []  # test data leaves no statistics
-        params = {k: v.detach() for k, v in self.meta_params().items()}
+        was = self.training
+        self.train(False)  # as at test: the running statistics used with eval_bn=running, never updated by test data
         try:
+            params = {k: v.detach() for k, v in self.meta_params().items()}
             if self.task_mode(episodes) == "on":  # torch.func.grad needs no enable_grad; no outer graph is built
                 out = self.query_outputs(params, episodes, self.eval_inner_steps, False, False, detach_steps=True)
             else:
@@ -262,7 +283,5 @@ class MAMLPlusPlus(GradientLearner):
                 with torch.enable_grad():
                     out = self.query_outputs(params, episodes, self.eval_inner_steps, False, False, detach_steps=True)
         finally:
-            with torch.no_grad():
-                for b, k in zip(self.norms.buffers(), kept):
-                    b.copy_(k)
+            self.train(was)
         return out[:, -1].detach()

@@ -26,7 +26,10 @@ class MAMLPlusPlusConfig:
     lslr: bool = True  # LSLR: a learned inner rate per parameter tensor and inner step
     rates_lr: Optional[float] = None  # outer learning rate of the learned rates; null: train.outer_lr, with the weights
     per_step_bn_weights: bool = True  # BNWB: batch-norm gamma and beta per inner step (meta-learned, not adapted)
-    # BNRS: batch-norm running statistics per inner step, updated in training, used at validation and test
-    # (the tasks then run in the per-task loop, one thread)
+    # BNRS: batch-norm running statistics per inner step, updated in training (the tasks then run in the per-task
+    # loop, one thread), used at validation and test with eval_bn=running
     per_step_bn_stats: bool = True
+    # what batch norm normalises with at validation and test: batch (each support / query set's own statistics,
+    # as the paper's code) | running (the per-step running statistics; measured here: at chance, see mamlpp.py)
+    eval_bn: str = "batch"
     batch_tasks: str = "${device.batch_tasks}"  # off | on (vmap) | groups (grouped convolutions) | auto
