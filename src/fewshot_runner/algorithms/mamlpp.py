@@ -102,9 +102,10 @@ class MAMLPlusPlus(GradientLearner):
     ``lslr``, ``per_step_bn_weights``, ``per_step_bn_stats`` false, ``first_order_until=0``) is MAML.
 
     ``inner_lr``: the inner rate (LSLR: every learned rate's initial value).  ``eval_bn``: what batch norm
-    normalises with at validation and test: ``batch`` (each set's statistics) or ``running`` (BNRS's rows).  ``msl_steps`` / ``first_order_until``:
-    training steps; None: the paper's share of ``train.steps`` (MSL annealed over the first 10 % of training:
-    10 of 100 epochs in its Omniglot runs; first order for the first half: 50 of 100 epochs).
+    normalises with at validation and test: ``batch`` (each set's statistics) or ``running`` (BNRS's rows).
+    ``msl_steps`` / ``first_order_until``: training steps; None: the paper's share of ``train.steps`` (MSL annealed
+    over the first 10 % of training: 10 of 100 epochs in its Omniglot runs; first order for the first half: 50 of
+    100 epochs).
     """
 
     # the learned rates and per-step batch norms exist for inner_steps steps: the test-time rate is no setting
