@@ -32,6 +32,13 @@ def drop_block(x: torch.Tensor, rate: float, size: int) -> torch.Tensor:
     return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
 
 
+def init_convs(module: nn.Module, nonlinearity: str, slope: float) -> None:
+    """He-normal convolution weights (fan-out), as the reference code of both nets; batch norms keep 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity=nonlinearity)
+
+
 class ResBlock12(nn.Module):
     """ResNet-12's block: three conv3x3-BN-LeakyReLU (the last activation after the residual sum with a
     conv1x1-BN shortcut), then max-pool 2 and, where ``drop_rate`` > 0, DropBlock in training mode."""
@@ -83,6 +90,7 @@ class ResNet12(nn.Module):
         chans = [x_shape[0], *channels]
         self.blocks = nn.Sequential(*[ResBlock12(chans[i], chans[i + 1], leaky_slope, rate if i + 1 in on else 0.0,
                                                  size) for i in range(4)])
+        init_convs(self, "leaky_relu", leaky_slope)  # as MetaOptNet's code
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's map (N, channels[-1], h, w), before the average pool."""
@@ -137,6 +145,7 @@ class WideResNet(nn.Module):
                                         dropout))
         self.blocks = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(widths[-1])
+        init_convs(self, "relu", 0.0)  # as the WRN and S2M2 code
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         """The final BN-ReLU map (N, 64k, h, w), before the average pool."""
