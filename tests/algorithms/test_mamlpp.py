@@ -158,6 +158,32 @@ def test_neutral_settings_of_lslr_and_running_statistics_give_mamls_meta_gradien
         assert not torch.equal(norm.running_mean[0], norm.running_mean[1])
 
 
+def test_per_step_batch_norm_weights_with_equal_rows_are_maml_with_batch_norm_not_adapted():
+    """BNWB alone, every row at the batch norms' initial gamma / beta: the meta-gradient of MAML whose batch-norm
+    parameters do not adapt (test_adaptation's learner with its keys and every rate at inner_lr), and each
+    shared gamma / beta gets the sum of its rows' meta-gradients (1e-10, float64)."""
+    from test_adaptation import LearnedRates
+
+    eps = make_episodes()
+    m = make_mamlpp(randomise=False, **{**OFF, "per_step_bn_weights": True})
+    torch.manual_seed(0)
+    ref = LearnedRates(SmoothConv(), 3, 12, inner_steps=2, keys=[n for n, _ in m.net.named_parameters()],
+                       init=0.3).double()
+    with torch.no_grad():
+        for r in ref.rates.values():
+            r.fill_(0.3)
+    got = dict(zip([n for n, _ in m.named_parameters()], grads(m, eps)))
+    want = dict(zip([n for n, _ in ref.net.named_parameters()],
+                    torch.autograd.grad(ref.meta_loss(eps)[0], list(ref.net.parameters()))))
+    for name, g in want.items():
+        if "bn" in name:  # net.0.bn1.weight -> the rows norms.0__bn1.weight, summed
+            mod, kind = name.rsplit(".", 1)
+            g_rows = got[f"norms.{mod.replace('.', '__')}.{kind}"].sum(0)
+            assert rel(g_rows, g) < 1e-10, name
+        else:
+            assert rel(got[f"net.{name}"], g) < 1e-10 or float((got[f"net.{name}"] - g).abs().max()) < 1e-14, name
+
+
 # ----------------------------------------------------------------------------- per-step batch norm by hand
 def by_hand(m: MAMLPlusPlus, ep, steps: int, train: bool, stats: bool = True):
     """One task with an ordinary deep copy of the net: before inner step k its batch norms get row k of the
