@@ -55,6 +55,15 @@ def test_npz_is_streamed_in_chunks_with_the_same_result(tmp_path, split_dir, mon
         assert torch.equal(_all(whole.split(s)), _all(chunked.split(s)))
 
 
+def test_compressed_npz_is_streamed_too(tmp_path, split_dir):
+    root = write_tiered(tmp_path / "n", NAMES)
+    plain = TieredImageNet(str(root), split_dir=split_dir, cache_dir=tmp_path / "c1")
+    for s, (images, _, _) in tiered_arrays(NAMES).items():
+        np.savez_compressed(root / f"{s}_images.npz", images=images)
+    packed = TieredImageNet(str(root), split_dir=split_dir, cache_dir=tmp_path / "c2")
+    assert torch.equal(_all(plain.split("trainval")), _all(packed.split("trainval")))
+
+
 def test_other_image_size_is_resized(tmp_path, split_dir):
     d = TieredImageNet(str(write_tiered(tmp_path / "n", NAMES)), image_size=16, split_dir=split_dir,
                        cache_dir=tmp_path / "c")
