@@ -173,8 +173,10 @@ def test_a_backbone_that_cannot_take_the_inputs_is_one_line(compose_cfg):
     from fewshot_runner.errors import UserError
 
     cfg = compose_cfg(["algo=maml", "data=sinusoid", "backbone=conv4", "debug=smoke"])
-    with pytest.raises(UserError, match=r"cannot take this data set's inputs of shape \(1,\).*backbone=mlp_sinusoid"):
+    fragment = r"cannot take this data set's inputs of shape \(1,\).*backbone=mlp_sinusoid"
+    with pytest.raises(UserError, match=fragment) as e:
         build_learner(cfg, (1,), 1, resolve_runtime(cfg.device), "regression")
+    assert isinstance(e.value, RuntimeError)  # (still what predict.py catches to word it for the user's images)
 
 
 def test_a_sweep_of_regression_runs_is_summarised_by_its_mse(tmp_path):

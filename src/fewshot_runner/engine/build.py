@@ -23,6 +23,11 @@ TRANSFORM_KEYS = ("normalize", "augment")  # the data layer's transform hook (da
 LOADER_KEYS = ("workers",)  # the prefetching loader (data/loader.py)
 
 
+class BackboneInputError(UserError, RuntimeError):
+    """The backbone's trial forward failed on the data's input shape: one line for the CLI (a UserError), and
+    still the RuntimeError that callers wording it for their own inputs catch (predict.py: the user's images)."""
+
+
 def instantiate_node(node, **kwargs):
     """``hydra.utils.instantiate``, re-raising a UserError from the target as itself (Hydra
     wraps exceptions from targets in InstantiationException)."""
@@ -100,9 +105,10 @@ def build_learner(cfg, x_shape: tuple[int, ...], n_way: int, runtime: Runtime,
         try:
             feature_dim = int(backbone(torch.zeros(2, *x_shape)).shape[-1])
         except RuntimeError as e:  # (a conv net given 1-d points, ...)
-            raise UserError(f"backbone {type(backbone).__name__} cannot take this data set's inputs of shape "
-                            f"{tuple(x_shape)} ({str(e).splitlines()[0][:100]}); choose a backbone that fits them "
-                            f"(1-d inputs such as data=sinusoid's: backbone=mlp_sinusoid or backbone=mlp)") from None
+            raise BackboneInputError(
+                f"backbone {type(backbone).__name__} cannot take this data set's inputs of shape {tuple(x_shape)} "
+                f"({str(e).splitlines()[0][:100]}); choose a backbone that fits them (1-d inputs such as "
+                f"data=sinusoid's: backbone=mlp_sinusoid or backbone=mlp)") from None
         backbone.train(was)
     algo = instantiate_node(cfg.algo, backbone=backbone, n_way=n_way, feature_dim=feature_dim)
     if not isinstance(algo, MetaLearner):

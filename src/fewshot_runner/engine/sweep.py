@@ -239,6 +239,8 @@ def write_summary(sweep_dir: Path, sweep_overrides: list[str] = ()) -> Summary:
 
     png_path = sweep_dir / "summary.png"
     if metric != "acc":  # (plots.save_sweep_summary_plot draws test accuracies only)
+        print("summary.png not drawn: the summary plot shows test accuracies and these are regression runs "
+              "(test mse: summary.md and summary.csv)", file=sys.stderr)
         return s
     try:
         from fewshot_runner.plots import save_sweep_summary_plot
