@@ -53,18 +53,23 @@ def test_config_composes_and_instantiates(compose_cfg, group, name, request, mon
         overrides.append("data=synthetic")
     elif name in TINY_COPIES:
         overrides += config_overrides(name, tmp_path)
+    elif name == "sinusoid":  # 1-d inputs: the paper's MLP (a conv net is refused in one line)
+        overrides.append("backbone=mlp_sinusoid")
     cfg = compose_cfg(overrides)
     if cfg.data._target_ == OMNIGLOT:
         monkeypatch.setenv("FEWSHOT_DATA", str(request.getfixturevalue("omniglot_root")))
     instantiates(cfg)
 
 
+SINUSOID = "fewshot_runner.data.sinusoid.Sinusoid"
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_presets_instantiate_with_their_omniglot_data(compose_cfg, name, omniglot_root, monkeypatch):
-    """A preset as written: its data is Omniglot, read from the real copy."""
+def test_experiment_presets_instantiate_with_their_own_data(compose_cfg, name, omniglot_root, monkeypatch):
+    """A preset as written: its data is Omniglot, read from the real copy (the sinusoid presets: generated)."""
     monkeypatch.setenv("FEWSHOT_DATA", str(omniglot_root))
     cfg = compose_cfg([f"experiment={name}"])
-    assert cfg.data._target_ == OMNIGLOT
+    assert cfg.data._target_ == (SINUSOID if name.endswith("_sinusoid") else OMNIGLOT)
     instantiates(cfg)
 
 

@@ -167,8 +167,11 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
 @pytest.mark.parametrize("shell", ["bash", "zsh"])
 def test_completion_offers_candidates_for_train_al_tab(shell):
     assert _complete("fewshot train al", ["fewshot", "train", "al"], shell) == ["algo.", "algo="]
-    # bash splits `algo=ma` into `algo`, `=`, `ma`: the reply replaces the last part only
-    assert _complete("fewshot train algo=ma", ["fewshot", "train", "algo", "=", "ma"], shell) == ["maml "]
+    # bash splits `algo=rep` into `algo`, `=`, `rep`: the reply replaces the last part only
+    assert _complete("fewshot train algo=rep", ["fewshot", "train", "algo", "=", "rep"], shell) == ["reptile "]
+    many = sorted(f"{p.stem} " for p in (CONF / "algo").glob("ma*.yaml"))  # maml, mamlpp, mann, matchingnet
+    assert len(many) > 1 and sorted(_complete("fewshot train algo=ma", ["fewshot", "train", "algo", "=", "ma"],
+                                              shell)) == many
     assert _complete("fewshot tr", ["fewshot", "tr"], shell) == ["train "]
 
 
@@ -284,7 +287,7 @@ def test_tab_completion_in_an_interactive_bash(tmp_path):
     try:
         typed(b'eval "$(fewshot completion bash)"\n', until=b"$ ")
         assert "algo" in typed(b"fewshot train al\t", until=b"go")  # algo. and algo=: their common part, and a bell
-        assert "=maml " in typed(b"=ma\t", until=b"maml ")  # bash breaks the word at '=': no algo==maml
+        assert "=reptile " in typed(b"=rep\t", until=b"reptile ")  # bash breaks the word at '=': no algo==reptile
         listed = typed(b"\x15fewshot train algo=\t\t", until=b"protonet")
         assert "protonet" in listed and "maml" in listed and "==" not in listed
         assert "protonet " in typed(b"pro\t", until=b"protonet ")
