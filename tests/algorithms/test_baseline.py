@@ -188,22 +188,12 @@ def test_a_checkpoint_head_of_another_width_is_taken_on_load():
     assert fresh.n_classes == 11 and torch.equal(fresh.head["v"], trained.head["v"])
 
 
-def test_a_weight_average_is_refused_in_one_line(compose_cfg):
-    """train.ema_decay reaches the learner (algo.ema_decay interpolates it), which refuses it: the engine snapshots
-    the weights for the average before batch_source sizes the training head."""
-    from fewshot_runner.errors import UserError
-
-    assert compose_cfg(["algo=baselinepp", "debug=smoke", "train.ema_decay=0.9"]).algo.ema_decay == 0.9
-    assert not compose_cfg(["algo=baseline", "debug=smoke"]).algo.ema_decay  # (train.ema_decay: 0, off)
-    with pytest.raises(UserError, match=r"train.ema_decay=0.9 is not available for BaselinePlusPlus yet.*"
-                                        r"use train.ema_decay=null"):
-        BaselinePlusPlus(nn.Flatten(), n_way=5, feature_dim=D, ema_decay=0.9)
-
-
 # ----------------------------------------------------------------------------- the CLI
 FAST = ["algo=baseline", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.meta_batch_size=8",
         "algo.fit_epochs=20", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+# with a weight average: the engine sets it up after batch_source has sized the head over the training classes
+RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1",
+             "train.ema_decay=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +208,7 @@ def unbroken(tmp_path_factory):
 def test_baseline_smoke_train_then_eval(unbroken, tmp_path):
     state = torch.load(unbroken / "checkpoints" / "last.pt", weights_only=True)
     assert state["model"]["head.w"].shape == (64, 8)  # the synthetic training split's 64 classes, Conv4's 8 features
+    assert state["ema"]["weights"]["head.w"].shape == (64, 8) and state["ema"]["updates"] == 4
     ev = tmp_path / "ev"
     p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "algo.fit_epochs=5",
                  "eval.n_episodes=6", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)

@@ -116,13 +116,8 @@ class Baseline(MetaLearner):
     eval_settings = ("fit_epochs", "fit_batch", "fit_lr", "fit_seed")
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, scale: float | None = None,
-                 fit_epochs: int = 100, fit_batch: int = 4, fit_lr: float = 0.01, fit_seed: int = 0,
-                 ema_decay: float | None = None) -> None:
+                 fit_epochs: int = 100, fit_batch: int = 4, fit_lr: float = 0.01, fit_seed: int = 0) -> None:
         super().__init__()
-        if ema_decay:  # (the engine snapshots the weights for the average before batch_source sizes the head)
-            raise UserError(f"train.ema_decay={ema_decay} is not available for {type(self).__name__} yet: the weight "
-                            f"average is set up before the classifier over the training classes is sized; use "
-                            f"train.ema_decay=null")
         for key, v in (("fit_epochs", fit_epochs), ("fit_batch", fit_batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"algo.{key} must be a positive integer (got {v!r})")

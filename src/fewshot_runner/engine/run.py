@@ -110,9 +110,10 @@ def setup(cfg: DictConfig, run_dir: Path, stop: StopFlag, t_start: float, faults
     algo.check_n_way(ev.n_way)
     optimizer = make_optimizer(cfg, algo)
     scheduler = make_scheduler(optimizer, cfg.train)
-    average = WeightAverage(algo, cfg.train.ema_decay) if cfg.train.ema_decay else None
     source = prefetched(algo.batch_source(train_split, tr.n_way, tr.n_shot, tr.n_query, seed=cfg.seed + 1),
                         cfg.data, runtime)
+    # after batch_source: a learner may size its weights there (Baseline's head over the training classes)
+    average = WeightAverage(algo, cfg.train.ema_decay) if cfg.train.ema_decay else None
     planner, graphed = step_helpers(algo, runtime, cfg.train)
     _banner(cfg, run_dir, runtime, algo)
 

@@ -23,7 +23,6 @@ class _BaselineFit:
     fit_batch: int = 4  # test time: support images per SGD step
     fit_lr: float = 0.01  # test time: SGD learning rate (momentum 0.9, dampening 0.9, weight decay 0.001)
     fit_seed: int = 0  # test time: seed of the new classifier's initial weights and mini-batch order
-    ema_decay: Optional[float] = "${train.ema_decay}"  # (train.ema_decay, read only to refuse it: not supported yet)
 
 
 @register("algo", "baseline")
