@@ -49,6 +49,9 @@ def test_config_composes_and_instantiates(compose_cfg, group, name, request, mon
     image_folder a tiny copy in their format written here (tests/tiny_copies.py).  The experiment presets'
     own Omniglot data: test_experiment_presets_instantiate_with_their_omniglot_data."""
     overrides = [f"{SELECTORS.get(group, group)}={name}"]
+    if group in ("paper", "paper_net"):  # ALGO_DATA[_BACKBONE]: with its algorithm (its keys are that algorithm's)
+        algos = [p.stem for p in (CONF / "algo").glob("*.yaml") if name.startswith(p.stem + "_")]
+        overrides.append(f"algo={max(algos, key=len)}")
     if group != "data":
         overrides.append("data=synthetic")
     elif name in TINY_COPIES:
