@@ -50,6 +50,26 @@ def test_eval_runs_a_checkpoint_with_the_device_settings_given_to_eval(compose_c
     assert built[0].backbone._target_.endswith("Conv4") and 0 <= res["test/acc"] <= 1
 
 
+def test_eval_tests_a_checkpoint_on_another_data_set_and_protocol(compose_cfg, tmp_path, omniglot_root, monkeypatch):
+    """Cross-domain: `fewshot eval data=NAME` (data.name) tests a model on another data set with the checkpoint's
+    episode shape unless given; Omniglot's split_scheme / within_alphabet set the test protocol; a key the data
+    set does not have and an unknown data set are one line each."""
+    import fewshot_runner.engine.eval_checkpoint as run
+    from fewshot_runner.errors import UserError
+
+    monkeypatch.setenv("FEWSHOT_DATA", str(omniglot_root))
+    train(compose_cfg(["debug=smoke", "algo=protonet"]), run_dir=tmp_path / "run")  # synthetic 28x28x1
+    ckpt = f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}"
+    cfg = compose_cfg([ckpt, "device=cpu", "data.name=omniglot", "data.split_scheme=lake", "data.within_alphabet=true",
+                       "data.n_way=20", "eval.n_episodes=4"], name="eval")
+    res = run.evaluate_checkpoint(cfg, run_dir=tmp_path / "ev")
+    assert res["test/data"] == "Omniglot" and res["n_way"] == 20 and res["n_shot"] == 1 and res["n_query"] == 5
+    assert res["data/split_checksum"] is not None and 0 <= res["test/acc"] <= 1
+    for overrides, message in [(["data.within_alphabet=true"], "data.within_alphabet is not a key of this data set"),
+                               (["data.name=nope"], "data=nope is not a data set; use one of")]:
+        with pytest.raises(UserError, match=message):
+            run.evaluate_checkpoint(compose_cfg([ckpt, "device=cpu", *overrides], name="eval"), run_dir=tmp_path / "x")
+
 
 def test_cosine_schedule_anneals_to_lr_min_and_resumes(compose_cfg, tmp_path):
     """train.lr_schedule=cosine: the logged outer lr falls from outer_lr to outer_lr * lr_min over

@@ -125,8 +125,11 @@ def _discovery(command: str, args: list[str]) -> None:
 
 def with_eval_settings(command: str, args: list[str]) -> list[str]:
     """``fewshot eval algo.KEY=V``: the checkpoint's learner says which keys it takes (its eval_settings); the
-    schema cannot know them, so they are added (``++``) and checked once the checkpoint is read."""
-    return ["++" + a if command in ("eval", "predict") and a.startswith("algo.") else a for a in args]
+    schema cannot know them, so they are added (``++``) and checked once the checkpoint is read.
+    ``fewshot eval data=NAME`` (cross-domain) becomes ``data.name=NAME``."""
+    out = ["++" + a if command in ("eval", "predict") and a.startswith("algo.") else a for a in args]
+    # `fewshot eval data=cub`: the data set to test on (eval has no data group: its data node holds overrides)
+    return [f"data.name={a[5:]}" if command == "eval" and a.startswith("data=") else a for a in out]
 
 
 def _help(command: str, overrides: list[str]) -> None:

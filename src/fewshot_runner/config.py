@@ -103,12 +103,17 @@ class TrainConfig:
 
 @dataclass
 class EvalDataOverrides:
-    """Episode shape and data location for ``fewshot eval``; None keeps the checkpoint's."""
+    """Episode shape, data location and test protocol for ``fewshot eval``; None keeps the checkpoint's."""
 
+    # another data set to test on (cross-domain: a miniImageNet model on data=cub); `fewshot eval data=NAME`
+    # sets it. The checkpoint's episode shape is kept unless data.n_way/n_shot/n_query say otherwise
+    name: Optional[str] = None
     n_way: Optional[int] = None
     n_shot: Optional[int] = None
     n_query: Optional[int] = None
     root: Optional[str] = None
+    split_scheme: Optional[str] = None  # Omniglot: the split to test on (vinyals | maml | lake)
+    within_alphabet: Optional[bool] = None  # Omniglot: every test episode's classes from one alphabet
 
 
 @dataclass

@@ -68,10 +68,17 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     run_dir = make_run_dir(run_dir)
     check_eval_run_dir(run_dir)
     saved = with_device(OmegaConf.create(state["config"]), cfg.device)
-    for k in ("n_way", "n_shot", "n_query", "root"):
+    trained_on = saved.data._target_
+    if cfg.data.get("name"):
+        saved.data = other_data(cfg.data.name, saved.data)
+    for k in ("n_way", "n_shot", "n_query", "root", "split_scheme", "within_alphabet"):
         v = cfg.data.get(k)
-        if v is not None:
-            OmegaConf.update(saved, f"data.{k}", v, force_add=True)
+        if v is None:
+            continue
+        if k not in ("n_way", "n_shot", "n_query", "root") and k not in saved.data:
+            raise UserError(f"data.{k} is not a key of this data set ({saved.data._target_.rsplit('.', 1)[-1]}); "
+                            f"leave it out")
+        OmegaConf.update(saved, f"data.{k}", v, force_add=True)
     apply_eval_settings(saved, cfg.get("algo") or {})
     runtime = run_runtime(cfg.device)
     with _built_from(cfg.checkpoint, state):
@@ -86,6 +93,10 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     try:
         algo.load_state_dict(eval_weights(state))
     except RuntimeError as e:
+        if saved.data._target_ != trained_on:
+            raise UserError(f"the checkpoint's model does not take data={cfg.data.name}'s images "
+                            f"({'x'.join(map(str, dataset.x_shape))}: {str(e).splitlines()[0][:120]}); set "
+                            f"data.image_size (and channels) of that data set to the training data's") from None
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not match its own config's model "
                               f"({str(e).splitlines()[0]}); it may come from another version of fewshot") from None
     algo.check_n_way(ev.n_way)
@@ -93,7 +104,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     test = evaluate(algo, split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, runtime, transform=eval_tf)
     results = {f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
-               "test/split": cfg.eval.split, "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
+               "test/split": cfg.eval.split, "test/data": saved.data._target_.rsplit(".", 1)[-1], "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
                **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision,
                "data/split_checksum": getattr(split, "split_checksum", None)}
@@ -107,6 +118,32 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     for m in messages:
         say(m)
     return results
+
+
+def other_data(name: str, saved_data: DictConfig) -> DictConfig:
+    """``fewshot eval data=NAME``: the data config ``conf/data/NAME.yaml`` (its schema's defaults), with the
+    checkpoint's episode shape (``n_way``, ``n_shot``, ``n_query``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    from fewshot_runner.config import conf_dir
+
+    def composed() -> DictConfig:
+        return compose("train", overrides=[f"data={name}"]).data
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside `fewshot eval` (a Hydra app on the same conf/)
+            data = composed()
+        else:
+            with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+                data = composed()
+    except MissingConfigException:
+        names = sorted(p.stem for p in (Path(conf_dir()) / "data").glob("*.yaml"))
+        raise UserError(f"data={name} is not a data set; use one of {', '.join(names)}") from None
+    for k in ("n_way", "n_shot", "n_query"):
+        data[k] = saved_data[k]
+    return data
 
 
 def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[str, Any],
