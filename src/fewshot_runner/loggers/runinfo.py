@@ -33,9 +33,23 @@ def hydra_choices() -> dict[str, str]:
         if not HydraConfig.initialized():
             return {}
         hc = HydraConfig.get()
-        return {str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None}
+        choices = {str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None}
+        return {k: v for k, v in choices.items() if k.split("@")[0] not in OPTIONAL_BY_NAME or _exists(k, v)}
     except Exception:  # noqa: BLE001 - naming a run must never fail it
         return {}
+
+
+# groups train.yaml selects by an interpolated name (``optional paper: ${algo}_${data}``): Hydra records the
+# name as chosen even where no such file exists (most algorithm x data pairs have no paper setup)
+OPTIONAL_BY_NAME = ("paper", "paper_net")
+
+
+def _exists(key: str, name: str) -> bool:
+    from pathlib import Path
+
+    from fewshot_runner.config import conf_dir
+
+    return (Path(conf_dir()) / key.split("@")[0] / f"{name}.yaml").exists()
 
 
 def _sweep_job() -> tuple[str, int] | None:
