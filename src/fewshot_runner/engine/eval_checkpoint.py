@@ -155,8 +155,8 @@ def _log_eval(cfg: DictConfig, run_dir: Path, saved: DictConfig, results: dict[s
     try:
         logger.log_params({"eval": OmegaConf.to_container(cfg, resolve=True),
                            "trained": OmegaConf.to_container(saved, resolve=True)})
-        logger.log_metrics({k: v for k, v in results.items() if k.startswith("test/") and k != "test/split"},
-                           results["step"])
+        logger.log_metrics({k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, (int, float))},
+                           results["step"])  # (test/split and test/data are text, not metrics)
         logger.log_other("checkpoint", results["checkpoint"])
         for path, name in pictures:
             logger.log_image(path, name)
