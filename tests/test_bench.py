@@ -73,6 +73,7 @@ def test_bench_rejects_an_unknown_case_by_name(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # (the default tier's time: a benchmark option, 15 s)
 def test_bench_memory_cap_chunks_the_fast_path_and_cuda_graphs_need_cuda(tmp_path):
     proc, out = run_bench(tmp_path, "--cases", "maml_5w1s_mb32_1step", "--iters", "1", "--warmup", "0", "--tiny",
                           "--devices", "cpu", "--threads", "1", "--no-check", "--memory-cap-mb", "20")
@@ -84,6 +85,7 @@ def test_bench_memory_cap_chunks_the_fast_path_and_cuda_graphs_need_cuda(tmp_pat
     assert bad.returncode == 2 and "--cuda-graphs needs --devices cuda" in bad.stderr
 
 
+@pytest.mark.slow  # (the default tier's time: a profiling script, 13 s)
 def test_step_time_prints_one_row_per_setting_and_names_a_failing_one(tmp_path):
     script = str(REPO / "scripts" / "step_time.py")
     common = ["--backbone", "conv4_strided", "--n-query", "1", "--tasks", "2", "--warmup", "0", "--iters", "1",

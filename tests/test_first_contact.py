@@ -225,6 +225,7 @@ def test_a_refused_run_next_to_other_runs_removes_only_its_own_folder(cli, tmp_p
         "outputs", "outputs/2026-01-01", "outputs/2026-01-01/00-00-00", "outputs/2026-01-01/00-00-00/results.json"]
 
 
+@pytest.mark.slow  # (the default tier's time: test_cli's test_maml_smoke_and_eval_refuses_other_way is the same refusal)
 def test_a_20_way_eval_of_a_5_way_maml_model_leaves_no_eval_dir(cli, tmp_path):
     run = tmp_path / "run"
     p = cli("train", "debug=smoke", "algo=maml", "logger=none", f"hydra.run.dir={run}")

@@ -119,6 +119,7 @@ def test_measure_peak_on_cpu_counts_the_saved_activations():
     assert peak[0] == pytest.approx(saved_mb(maml(), episodes(2)) * MB, rel=1e-4)
 
 
+@pytest.mark.slow  # (the default tier's time, 22 s: the in-process tests here cover the chunking; this adds the CLI's log line and a resume)
 def test_training_with_a_cap_through_the_cli_logs_the_chunk_and_resumes_bitwise(cli, tmp_path):
     common = ["train", "debug=smoke", "algo=maml", "train.meta_batch_size=6", "train.steps=6",
               "train.ckpt_every=3", "train.val_every=3", "device.memory_cap_mb=45", "logger=none"]

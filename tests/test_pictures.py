@@ -126,7 +126,7 @@ def test_protonet_embed_episode_gives_the_prototypes_of_its_embeddings():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pictures")
-    p = run_cli(["train", "algo=protonet", "debug=smoke", "device.threads=1", "backbone.hidden=8",
+    p = run_cli(["train", "algo=protonet", "debug=smoke", "eval.pictures=true", "device.threads=1", "backbone.hidden=8",
                  "eval.n_episodes=6", "train.val_episodes=4", f"hydra.run.dir={root / 'run'}"], root)
     assert p.returncode == 0, p.stderr[-2000:]
     return root / "run"

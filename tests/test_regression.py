@@ -202,7 +202,7 @@ def test_a_sweep_of_regression_runs_is_summarised_by_its_mse(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI
-FAST = ["algo=maml", "data=sinusoid", "backbone=mlp", "debug=smoke", "backbone.hidden=[16,16]", "algo.inner_lr=0.01",
+FAST = ["algo=maml", "data=sinusoid", "backbone=mlp", "debug=smoke", "eval.pictures=true", "backbone.hidden=[16,16]", "algo.inner_lr=0.01",
         "device.threads=1", "data.n_query=20", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
 

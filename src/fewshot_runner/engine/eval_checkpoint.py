@@ -109,7 +109,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision,
                "data/split_checksum": getattr(split, "split_checksum", None)}
     write_json(run_dir / "results.json", results)
-    pictures = save_pictures(algo, split, ev, runtime, eval_tf, run_dir, cfg.eval.seed + 1)
+    pictures = save_pictures(algo, split, ev, runtime, eval_tf, run_dir, cfg.eval.seed + 1) if cfg.eval.pictures else []
     messages = _log_eval(cfg, run_dir, saved, results, pictures)
     console.print(results_table(
         f"eval {Path(cfg.checkpoint).name}: {m.shape_text(ev.n_way, ev.n_shot)}, {cfg.eval.split}",

@@ -198,7 +198,9 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
     curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     if curves:
         run.logger.log_image(curves, "curves")
-    save_pictures(algo, test_split, ev, run.runtime, run.eval_transform, run.run_dir, cfg.eval.seed + 1, run.logger)
+    if cfg.eval.pictures:
+        save_pictures(algo, test_split, ev, run.runtime, run.eval_transform, run.run_dir, cfg.eval.seed + 1,
+                      run.logger)
     write_json(run.run_dir / "results.json", results)
     run.logger.log_asset(run.run_dir / "results.json")
     run.logger.log_model("best", best_path)  # (uploaded only with logger.log_model=true)
