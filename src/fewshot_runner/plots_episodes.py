@@ -1,4 +1,4 @@
-"""Pictures of classification episodes (engine/pictures.py registers them with ``@picture_maker``):
+"""Pictures of classification episodes (engine/pictures.py calls them):
 the episode picture (support images, queries with predicted and true labels) and the embedding picture
 (2-D PCA of support, query and prototype embeddings, for learners with ``embed_episode``).
 
@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 
-from fewshot_runner.engine.pictures import picture_maker
 
 EPISODE_FILE, EMBEDDING_FILE = "episode.png", "embedding.png"
 MAX_QUERIES = 100  # queries an episode picture shows at most (the first ones of each class, in turn)
@@ -207,7 +206,6 @@ def _skip(what: str, e: BaseException) -> list:
     return []
 
 
-@picture_maker("classification")
 def episode_picture(algo, split, shape, runtime, transform, out_dir: Path, seed: int) -> list[tuple[Path, str]]:
     """The first test episode for ``seed``: its support images and its queries with predicted and true classes.
     A picture that cannot be drawn (no matplotlib, a failure while drawing) is a warning, never an error."""
@@ -230,7 +228,6 @@ def _episode_picture(algo, split, shape, runtime, transform, out_dir: Path, seed
     return [(path, "episode")]
 
 
-@picture_maker("classification")
 def embedding_picture(algo, split, shape, runtime, transform, out_dir: Path, seed: int) -> list[tuple[Path, str]]:
     """PCA of a few test episodes' embeddings, for learners whose ``embed_episode`` gives them (a warning, never
     an error, when it cannot be drawn)."""

@@ -1,4 +1,4 @@
-"""Pictures of regression tasks (engine/pictures.py registers them with ``@picture_maker("regression")``):
+"""Pictures of regression tasks (engine/pictures.py calls them):
 the adapted function against the truth after 0, 1 and 10 inner steps (sinusoid), as in Finn et al.
 (2017), figure 2.
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from fewshot_runner.engine.pictures import picture_maker
 from fewshot_runner.episode import Episode
 
 REGRESSION_FILE = "regression.png"
@@ -73,7 +72,6 @@ def draw_regression(path: str | Path, grid: torch.Tensor, truth: torch.Tensor, s
     return {"panels": n, "curves": {k: torch.tensor(v) for k, v in mses.items()}, "path": Path(path)}
 
 
-@picture_maker("regression")
 def regression_picture(algo, split, shape, runtime, transform, out_dir: Path, seed: int) -> list[tuple[Path, str]]:
     """The adapted function against the truth after 0, 1 and 10 inner steps on ``N_TASKS`` test tasks fixed
     by ``seed``.  A picture that cannot be drawn (no matplotlib, a learner that cannot adapt step by step,

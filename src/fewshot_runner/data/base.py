@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from fewshot_runner.data.checksum import split_checksum
 from fewshot_runner.errors import DataError
 
 
@@ -96,15 +97,13 @@ class EpisodicDataset:
 
     name: str
     splits: dict[str, ClassSplit]
-    #: 16 hex digits of sha256 over the train, val, test class lists (``data.published.split_checksum``),
+    #: 16 hex digits of sha256 over the train, val, test class lists (``data.checksum.split_checksum``),
     #: recorded in results.json; by default computed from the splits' class names; each split gets it too
     split_checksum: str | None = None
 
     def __post_init__(self) -> None:
         parts = ("train", "val", "test")
         if self.split_checksum is None and all(hasattr(self.splits.get(s), "class_names") for s in parts):
-            from fewshot_runner.data.published import split_checksum
-
             self.split_checksum = split_checksum({s: list(self.splits[s].class_names) for s in parts})
         for split in self.splits.values():
             split.split_checksum = self.split_checksum

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from fewshot_runner.data import cache as _cache
 from fewshot_runner.data.archive import Source
 from fewshot_runner.data.class_splits import load_split_files, packaged_split_dir
+from fewshot_runner.data.checksum import split_checksum
 from fewshot_runner.data.root import one_line
 from fewshot_runner.errors import DataError
 
@@ -95,12 +96,6 @@ class Expect:
 
 
 # ----------------------------------------------------------------------------- split files
-def split_checksum(names: dict[str, list[str]]) -> str:
-    """sha256 (16 hex digits) of the class lists of train, val, test in order: ``"<split>\\t<class>\\n"`` per class."""
-    text = "".join(f"{s}\t{c}\n" for s in SPLITS for c in names.get(s, []))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def load_split(dataset: str, what: str, split_dir: str | os.PathLike | None = None,
                shipped_checksum: str | None = None) -> dict[str, list[str]]:
     """Class names per split from ``<split_dir or the shipped splits/<dataset>>/{train,val,test}.txt``.

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fewshot_runner.data.base import ClassSplit
+from typing import TYPE_CHECKING
+
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import DataError
+
+if TYPE_CHECKING:  # (annotations only: ClassSplit's episode_sampler builds the samplers here)
+    from fewshot_runner.data.base import ClassSplit
 
 
 def check_episode_shape(split: ClassSplit, n_way: int, n_shot: int, n_query: int) -> None:

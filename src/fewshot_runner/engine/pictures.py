@@ -19,19 +19,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-# (kind, maker): maker(algo, split, shape, runtime, transform, out_dir, seed) -> list of (path, name)
+# maker(algo, split, shape, runtime, transform, out_dir, seed) -> list of (path, name)
 PictureMaker = Callable[..., list[tuple[Path, str]]]
-_MAKERS: dict[str, list[PictureMaker]] = {"classification": [], "regression": []}
-
-
-def picture_maker(kind: str):
-    """Decorator: ``fn`` draws pictures for splits of this task kind (see the module docstring)."""
-
-    def wrap(fn: PictureMaker) -> PictureMaker:
-        _MAKERS.setdefault(kind, []).append(fn)
-        return fn
-
-    return wrap
 
 
 def save_pictures(algo, split, shape, runtime, transform, out_dir: Path, seed: int, logger: Any = None
@@ -39,13 +28,12 @@ def save_pictures(algo, split, shape, runtime, transform, out_dir: Path, seed: i
     """Every picture for ``split``'s task kind, written under ``out_dir`` and, with a ``logger``, logged as
     images; returns (path, name) of each.  ``shape``: the evaluation episode shape (n_way, n_shot,
     n_query); ``seed``: fixes which test episodes are drawn."""
-    _load_makers()
     kind = split.task_kind
     out: list[tuple[Path, str]] = []
     was_training = algo.training
     algo.eval()
     try:
-        for make in _MAKERS.get(kind, []):
+        for make in makers(kind):
             out.extend(make(algo, split, shape, runtime, transform, Path(out_dir), seed))
     finally:
         algo.train(was_training)
@@ -55,7 +43,12 @@ def save_pictures(algo, split, shape, runtime, transform, out_dir: Path, seed: i
     return out
 
 
-def _load_makers() -> None:
-    """Import the modules that register makers (kept out of the engine's import time: matplotlib)."""
-    import fewshot_runner.plots_episodes  # noqa: F401
-    import fewshot_runner.plots_regression  # noqa: F401
+def makers(kind: str) -> list[PictureMaker]:
+    """The picture makers of a task kind (imported here, not at the engine's import: matplotlib)."""
+    if kind == "regression":
+        from fewshot_runner.plots_regression import regression_picture
+
+        return [regression_picture]
+    from fewshot_runner.plots_episodes import embedding_picture, episode_picture
+
+    return [episode_picture, embedding_picture]
