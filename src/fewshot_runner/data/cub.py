@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_runner.data.image_folder import folder_layout
-from fewshot_runner.data.published import Expect, Inspection, Layout, MissingData, check_image_size, load_split
-from fewshot_runner.data.root import resolve_root
+from fewshot_runner.data.published import Expect, Inspection, Layout, MissingData, inspect_published
 
 if TYPE_CHECKING:  # pragma: no cover
     from fewshot_runner.data.base import EpisodicDataset
@@ -50,10 +49,8 @@ def find_layout(root: Path, image_size: int = 84) -> Layout:
 def inspect(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
             expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> Inspection:
     """What ``CUB`` would read, found and listed (nothing decoded)."""
-    check_image_size(image_size)
-    names = load_split(NAME, WHAT, split_dir, SPLIT_CHECKSUM)
-    layout = find_layout(resolve_root(NAME, root), image_size)
-    return Inspection(layout, names, EXPECT if expect is None and split_dir is None else expect, cache_dir)
+    return inspect_published(NAME, WHAT, find_layout, SPLIT_CHECKSUM, EXPECT, root, image_size, split_dir, expect,
+                             cache_dir)
 
 
 def CUB(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_runner.data.archive import Source
-from fewshot_runner.data.published import (SPLITS, Expect, Inspection, Layout, MissingData, as_str, check_image_size,
-                                           decode_files_into, fingerprint, get_key, hwc_to_chw, load_pickle,
-                                           load_split, progress)
-from fewshot_runner.data.root import resolve_root
+from fewshot_runner.data.published import (SPLITS, as_str, decode_files_into, Expect, fingerprint, get_key,
+                                           hwc_to_chw, inspect_published, Inspection, Layout, load_pickle,
+                                           MissingData, progress)
 from fewshot_runner.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,10 +180,8 @@ def find_layout(root: Path, image_size: int = 84) -> Layout:
 def inspect(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
             expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> Inspection:
     """What ``MiniImageNet`` would read (its arguments), found and listed but not decoded."""
-    check_image_size(image_size)
-    names = load_split(NAME, WHAT, split_dir, SPLIT_CHECKSUM)
-    layout = find_layout(resolve_root(NAME, root), image_size)
-    return Inspection(layout, names, EXPECT if expect is None and split_dir is None else expect, cache_dir)
+    return inspect_published(NAME, WHAT, find_layout, SPLIT_CHECKSUM, EXPECT, root, image_size, split_dir, expect,
+                             cache_dir)
 
 
 def MiniImageNet(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,

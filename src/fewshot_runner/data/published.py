@@ -36,7 +36,7 @@ from fewshot_runner.data import cache as _cache
 from fewshot_runner.data.archive import Source
 from fewshot_runner.data.class_splits import load_split_files, packaged_split_dir
 from fewshot_runner.data.checksum import split_checksum
-from fewshot_runner.data.root import one_line
+from fewshot_runner.data.root import one_line, resolve_root
 from fewshot_runner.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,6 +253,17 @@ def as_str(x) -> str:
 
 
 # ----------------------------------------------------------------------------- decoding
+def inspect_published(name: str, what: str, find_layout, shipped_checksum: str, published: Expect,
+                      root: str | None, image_size: int, split_dir, expect: Expect | None, cache_dir) -> Inspection:
+    """What a published data set's loader would read, found and listed (nothing decoded): its split (the
+    shipped one, checksum-checked, or ``split_dir``), the layout ``find_layout(root, image_size)`` finds
+    under its root, and the sizes to check (the ``published`` ones unless ``expect`` or ``split_dir``)."""
+    check_image_size(image_size)
+    names = load_split(name, what, split_dir, shipped_checksum)
+    layout = find_layout(resolve_root(name, root), image_size)
+    return Inspection(layout, names, published if expect is None and split_dir is None else expect, cache_dir)
+
+
 def check_image_size(image_size: object, key: str = "data.image_size") -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"{key} must be a positive integer (got {image_size!r})")

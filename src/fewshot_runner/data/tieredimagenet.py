@@ -25,9 +25,9 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fewshot_runner.data.published import (SPLITS, Expect, Inspection, Layout, MissingData, as_str, check_image_size,
-                                           fingerprint, get_key, hwc_to_chw, load_pickle, load_split, progress)
-from fewshot_runner.data.root import one_line, resolve_root
+from fewshot_runner.data.published import (SPLITS, as_str, Expect, fingerprint, get_key, hwc_to_chw,
+                                           inspect_published, Inspection, Layout, load_pickle, MissingData, progress)
+from fewshot_runner.data.root import one_line
 from fewshot_runner.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,10 +213,8 @@ def _fill_png(path: Path, rows: "np.ndarray", out: "np.ndarray", image_size: int
 def inspect(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
             expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> Inspection:
     """What ``TieredImageNet`` would read, found and listed (labels read, images not)."""
-    check_image_size(image_size)
-    names = load_split(NAME, WHAT, split_dir, SPLIT_CHECKSUM)
-    layout = find_layout(resolve_root(NAME, root), image_size)
-    return Inspection(layout, names, EXPECT if expect is None and split_dir is None else expect, cache_dir)
+    return inspect_published(NAME, WHAT, find_layout, SPLIT_CHECKSUM, EXPECT, root, image_size, split_dir, expect,
+                             cache_dir)
 
 
 def TieredImageNet(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
