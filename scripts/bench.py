@@ -77,6 +77,10 @@ from typing import Callable
 
 from fewshot_runner.cli import ALLOCATOR_ENV  # the launcher's setting (imports no torch)
 
+# The plugins of scripts/bench_cases/ import this module as ``bench``: run as a script, it is ``__main__``,
+# so give them this very module instead of a second copy.
+sys.modules.setdefault("bench", sys.modules[__name__])
+
 RESULT_PREFIX = "BENCH_RESULT "
 SEED_WEIGHTS, SEED_DATA, SEED_EPISODES = 0, 0, 1
 INNER_LR, OUTER_LR = 0.4, 1e-3
@@ -105,6 +109,8 @@ class Case:
     # the gradient-based learner (workload maml): maml, fomaml, anil (the head alone adapts), metasgd (a
     # learned rate per weight, all starting at INNER_LR)
     algo: str = "maml"
+    # extra `fewshot train` overrides of a plugin case (scripts/bench_cases/), e.g. ("algo.fce=true",)
+    overrides: tuple[str, ...] = ()
 
     def batch(self, tiny: bool) -> int:
         return self.tiny_meta_batch if tiny else self.meta_batch
@@ -132,6 +138,20 @@ CASES = [
     Case("sampler", "sampler", 5, 1, 15, 32, 32, quick=(5, 40), full=(10, 200), devices=("cpu",)),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
+
+
+def plugins() -> dict:
+    """{workload: module} of scripts/bench_cases/ (the learners beyond MAML and ProtoNet); imported on
+    first use, after this module is whole, and their cases added to CASES / CASE_BY_NAME."""
+    import bench_cases
+
+    found = bench_cases.load()
+    for module in found.values():
+        for case in module.CASES:
+            if case.name not in CASE_BY_NAME:
+                CASES.append(case)
+                CASE_BY_NAME[case.name] = case
+    return found
 
 
 # ============================================================================= child side
@@ -392,9 +412,10 @@ def fused_ops_mode() -> tuple[str, str]:
     return "on", f"torch-ops fallback ({status.get('error')})"[:200]
 
 
-def package_learner(case: Case, device_type: str, threads: int, fused: str, precision: str = "fp32",
-                    extra: tuple[str, ...] = ()):
-    """(algo, runtime, cfg) built the way ``fewshot train`` builds them."""
+def compose_learner(algo_name: str, device_type: str, threads: int, fused: str, precision: str,
+                    overrides: tuple[str, ...] | list[str]):
+    """(algo, runtime, cfg) of ``algo_name`` on the synthetic 28x28 data, built the way ``fewshot train``
+    builds them (``compose("train", ...)`` -> ``build_learner``); ``overrides`` give the shape and the rest."""
     from hydra import compose, initialize_config_dir
 
     import fewshot_runner.config  # noqa: F401  (registers the schemas)
@@ -402,20 +423,27 @@ def package_learner(case: Case, device_type: str, threads: int, fused: str, prec
     from fewshot_runner.engine.device import resolve_runtime
     from fewshot_runner.engine.build import build_learner
 
+    overrides = [f"algo={algo_name}", "data=synthetic", f"device={device_type}", f"device.fused_ops={fused}",
+                 f"device.threads={threads}", f"device.precision={precision}", "logger=none", *overrides]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    runtime = resolve_runtime(cfg.device)
+    algo = build_learner(cfg, X_SHAPE, cfg.data.n_way, runtime)
+    return algo, runtime, cfg
+
+
+def package_learner(case: Case, device_type: str, threads: int, fused: str, precision: str = "fp32",
+                    extra: tuple[str, ...] = ()):
+    """(algo, runtime, cfg) built the way ``fewshot train`` builds them, with the shared weights."""
     algo_name = "protonet" if case.workload == "protonet" else ("fomaml" if case.first_order else case.algo)
-    overrides = [f"algo={algo_name}", "backbone=conv4", "data=synthetic", f"device={device_type}",
-                 f"device.fused_ops={fused}", f"device.threads={threads}", f"device.precision={precision}", "logger=none",
-                 f"data.n_way={case.n_way}", f"data.n_shot={case.n_shot}", f"data.n_query={case.n_query}",
-                 f"backbone.hidden={HIDDEN}", f"backbone.pool={str(not case.strided).lower()}",
-                 f"train.outer_lr={OUTER_LR}", *extra]
+    overrides = ["backbone=conv4", f"data.n_way={case.n_way}", f"data.n_shot={case.n_shot}",
+                 f"data.n_query={case.n_query}", f"backbone.hidden={HIDDEN}",
+                 f"backbone.pool={str(not case.strided).lower()}", f"train.outer_lr={OUTER_LR}", *extra]
     if case.workload == "maml":
         lr_key = "inner_lr_init" if case.algo == "metasgd" else "inner_lr"
         overrides += [f"algo.{lr_key}={INNER_LR}", f"algo.inner_steps={case.inner_steps}",
                       f"algo.first_order={str(case.first_order).lower()}"]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    runtime = resolve_runtime(cfg.device)
-    algo = build_learner(cfg, X_SHAPE, case.n_way, runtime)
+    algo, runtime, cfg = compose_learner(algo_name, device_type, threads, fused, precision, overrides)
     load_package_weights(case, algo)
     algo.train()
     return algo, runtime, cfg
@@ -550,6 +578,7 @@ def run_child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    plugins()
     case = CASE_BY_NAME[args.case]
     device = torch.device(args.device)
     if device.type == "cuda":  # what the package's runtime sets, for both sides
@@ -560,7 +589,16 @@ def run_child(args) -> dict:
     out: dict = {"threads": torch.get_num_threads()}
 
     algo = runtime = None
-    if case.workload == "sampler":
+    plugin = plugins().get(case.workload)
+    if plugin is not None:  # a learner of scripts/bench_cases/: its module builds both sides and checks them
+        if args.impl == "fast":
+            fused, why = fused_ops_mode()
+            out.update(fused_ops=fused, fused_ops_note=why, precision=args.precision)
+            step, info = plugin.fast_step(case, device.type, args.threads, fused, args.precision, args.tiny)
+            out.update(info)
+        else:
+            step = plugin.reference_step(case, device, args.tiny)
+    elif case.workload == "sampler":
         from fewshot_runner.data.sampler import EpisodeSampler
 
         split = omniglot_sized_split()
@@ -599,6 +637,8 @@ def run_child(args) -> dict:
         out["peak_mem_kind"] = "process peak RSS"
     if args.check and algo is not None:
         out.update(gradient_check(case, algo, runtime, out["fused_ops"], args.tiny))
+    elif args.check and plugin is not None and args.impl == "fast":
+        out.update(plugin.check(case, args.tiny))
     return out
 
 
@@ -678,10 +718,14 @@ def run_case(case: Case, device: str, args) -> dict:
     for k in ("precision", "fused_ops", "fused_ops_note", "zero_grad_err", "ref_grad_rel_err", "grad_rel_err_fp64",
               "grad_rel_err_vs_ref_fp32",
               "grad_check", "grad_check_tasks", "grad_check_fp64_note", "cuda_graphs", "cuda_graphs_failed",
-              "memory_cap_mb", "task_chunk"):
+              "memory_cap_mb", "task_chunk", "loss_rel_err", "loss_rel_err_fp64", "check_note"):
         if k in fast:
             row[k] = fast[k]
-    if case.workload == "sampler":
+    plugin = plugins().get(case.workload)
+    if plugin is not None:
+        row["fast_path"], row["reference"] = plugin.describe(case)
+        row["inner_steps"] = case.inner_steps if case.inner_steps > 1 else row["inner_steps"]
+    elif case.workload == "sampler":
         row["fast_path"] = "EpisodeSampler.sample (tensor indexing)"
         row["reference"] = "per-task Python sampler (random.sample + torch.stack)"
     else:
@@ -707,12 +751,12 @@ def print_table(console, rows: list[dict]) -> None:
     for col, just in [("case", "left"), ("dev", "left"), ("fast ms/it", "right"), ("tasks/s", "right"),
                       ("ref ms/it", "right"), ("speed-up", "right"), ("ref glibc ms/it", "right"),
                       ("vs glibc", "right"), ("peak MB fast/ref", "right"), ("grad_rel_err", "right"),
-                      ("ref fp32 / fast fp64", "right")]:
+                      ("ref fp32 / fast fp64", "right"), ("loss err fp32 / fp64", "right")]:
         table.add_column(col, justify=just)
     for r in rows:
         if "error" in r:
             table.add_row(r["name"], r["device"], f"[red]failed: {r['error'].splitlines()[0][:60]}[/]",
-                          *[""] * 8)
+                          *[""] * 9)
             continue
         table.add_row(
             r["name"], r["device"],
@@ -721,6 +765,7 @@ def print_table(console, rows: list[dict]) -> None:
             fmt_ms(r["ref_glibc_ms_per_it"], r["ref_glibc_ms_iqr"]), f"{r['speedup_vs_glibc_ref']:.2f}x",
             f"{r['peak_mem_mb']:,.0f} / {r['ref_peak_mem_mb']:,.0f}",
             fmt_err(r["grad_rel_err"]), f"{fmt_err(r.get('ref_grad_rel_err'))} / {fmt_err(r.get('grad_rel_err_fp64'))}",
+            "–" if "loss_rel_err" not in r else f"{fmt_err(r['loss_rel_err'])} / {fmt_err(r.get('loss_rel_err_fp64'))}",
         )
     console.print(table)
 
@@ -731,6 +776,7 @@ def run_parent(args) -> int:
     console = Console()
     if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
         console = Console(width=180)
+    plugins()
     names = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases else [c.name for c in CASES]
     unknown = [n for n in names if n not in CASE_BY_NAME]
     if unknown:
@@ -791,6 +837,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer iterations (about 3 minutes on 2 cores)")
     p.add_argument("--json", metavar="FILE", help="write a JSON list, one object per (case, device)")
+    plugins()
     p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(CASE_BY_NAME)}")
     p.add_argument("--devices", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
     p.add_argument("--threads", type=int, default=default_threads(), help="torch threads, both sides (default: all cores)")
