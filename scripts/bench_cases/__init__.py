@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES: tuple[str, ...] = ()
+FAMILIES: tuple[str, ...] = ("gradient", "metric")
 
 
 def load() -> dict:
