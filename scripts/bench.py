@@ -413,9 +413,10 @@ def fused_ops_mode() -> tuple[str, str]:
 
 
 def compose_learner(algo_name: str, device_type: str, threads: int, fused: str, precision: str,
-                    overrides: tuple[str, ...] | list[str]):
-    """(algo, runtime, cfg) of ``algo_name`` on the synthetic 28x28 data, built the way ``fewshot train``
-    builds them (``compose("train", ...)`` -> ``build_learner``); ``overrides`` give the shape and the rest."""
+                    overrides: tuple[str, ...] | list[str], x_shape: tuple[int, ...] = X_SHAPE):
+    """(algo, runtime, cfg) of ``algo_name`` on the synthetic data (``x_shape``: 28x28 unless a plugin's case
+    says, MANN's 20x20), built the way ``fewshot train`` builds them (``compose("train", ...)`` ->
+    ``build_learner``); ``overrides`` give the shape and the rest."""
     from hydra import compose, initialize_config_dir
 
     import fewshot_runner.config  # noqa: F401  (registers the schemas)
@@ -428,7 +429,7 @@ def compose_learner(algo_name: str, device_type: str, threads: int, fused: str, 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     runtime = resolve_runtime(cfg.device)
-    algo = build_learner(cfg, X_SHAPE, cfg.data.n_way, runtime)
+    algo = build_learner(cfg, x_shape, cfg.data.n_way, runtime)
     return algo, runtime, cfg
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES: tuple[str, ...] = ("gradient", "metric")
+FAMILIES: tuple[str, ...] = ("gradient", "metric", "memory")
 
 
 def load() -> dict:
