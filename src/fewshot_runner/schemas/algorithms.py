@@ -52,8 +52,8 @@ class ANILConfig:
 @dataclass
 class ReptileConfig:
     _target_: str = "fewshot_runner.algorithms.reptile.Reptile"
-    inner_lr: float = 0.1  # SGD learning rate of the inner steps (training and test time)
-    inner_steps: int = 5  # SGD steps per training task, on its support + query images
+    inner_lr: float = 0.1  # learning rate of the inner optimizer's steps (training and test time)
+    inner_steps: int = 5  # inner steps per training task, on its support + query images
     inner_batch: Optional[int] = 10  # images per training inner step (a random walk through the task); null: all
     eval_inner_steps: int = 50  # fine-tuning steps on the support set at validation and test
     outer_step_size: float = 1.0  # eps in theta += eps * mean(phi - theta) at the first step ...
@@ -61,6 +61,14 @@ class ReptileConfig:
     # batch norm at test time: true normalises a task's queries together (the paper's reported setting);
     # false scores each query image with the support set alone
     transductive: bool = False
+    # sgd, or adam (the paper's Omniglot setting: inner_lr 1e-3, beta1 0); Adam as Kingma & Ba, bias-corrected
+    inner_optimizer: str = "sgd"
+    inner_beta1: float = 0.0  # adam: decay of the first moment (the paper's code: 0, no momentum)
+    inner_beta2: float = 0.999  # adam: decay of the second moment
+    inner_eps: float = 1e-8  # adam: added to the root of the second moment
+    # adam: carry (the moments and step count go on from task to task and every test task starts from them, as the
+    # paper's code; checkpointed; training runs the tasks in order) or reset (each task starts from zero moments)
+    inner_state: str = "carry"
     batch_tasks: str = "${device.batch_tasks}"  # training: groups (grouped convolutions) or auto; else task by task
 
 
