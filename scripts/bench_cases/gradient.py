@@ -146,8 +146,6 @@ def load_package(case: Case, algo) -> None:
 
 
 def reference_leaves(case: Case, device, dtype) -> dict:
-    import torch
-
     return {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in case_weights(case).items()}
 
 
