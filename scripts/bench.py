@@ -597,6 +597,7 @@ def run_child(args) -> dict:
             out.update(fused_ops=fused, fused_ops_note=why, precision=args.precision)
             step, info = plugin.fast_step(case, device.type, args.threads, fused, args.precision, args.tiny)
             out.update(info)
+            out["info_keys"] = list(info)  # (run_case copies them into the row)
         else:
             step = plugin.reference_step(case, device, args.tiny)
     elif case.workload == "sampler":
@@ -725,6 +726,7 @@ def run_case(case: Case, device: str, args) -> dict:
     plugin = plugins().get(case.workload)
     if plugin is not None:
         row["fast_path"], row["reference"] = plugin.describe(case)
+        row.update({k: fast[k] for k in fast.get("info_keys", ()) if k not in row})  # what fast_step's info says
         row["inner_steps"] = case.inner_steps if case.inner_steps > 1 else row["inner_steps"]
     elif case.workload == "sampler":
         row["fast_path"] = "EpisodeSampler.sample (tensor indexing)"
