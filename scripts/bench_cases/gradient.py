@@ -478,7 +478,7 @@ def check(case: Case, tiny: bool) -> dict:
 def describe(case: Case) -> tuple[str, str]:
     extra = "".join(f", {o}" for o in case.overrides) + ", fused ops as available"
     if case.workload == "reptile":
-        return (f"package reptile: its own outer_step, eps {reptile_eps():.2f}{extra}",
+        return (f"package reptile via its own outer_step, eps {reptile_eps():.2f}{extra}",
                 "paper-style loop: per task copy weights, 5 torch.optim.SGD steps on batches of 10, "
                 "theta += eps * mean(phi - theta), fp32, unfused")
     if case.workload == "mamlpp":
