@@ -23,12 +23,11 @@ from fewshot_runner.errors import UserError
 
 #: Santoro et al. 2016, Table 1 (Omniglot, 5 classes per episode, one-hot labels, test set), accuracy %.
 PAPER_MANN = {1: 36.4, 2: 82.8, 3: 91.0, 4: 92.6, 5: 94.9, 10: 98.1}
-BLOCK = 50  # sequences per forward
 
 
 def instance_table(checkpoint: str, n_sequences: int, per_class: int | None, split_name: str, seed: int | None,
                    device: str | None) -> dict:
-    from fewshot_runner.algorithms.mann import MANN, SequenceSource
+    from fewshot_runner.algorithms.mann import MANN
     from fewshot_runner.engine import checkpoint as ckpt
     from fewshot_runner.engine.build import build_dataset, build_learner, build_transforms, episode_shapes, run_runtime
     from fewshot_runner.engine.ema import eval_weights
@@ -52,22 +51,12 @@ def instance_table(checkpoint: str, n_sequences: int, per_class: int | None, spl
     _, transform = build_transforms(saved.data, channels=dataset.x_shape[0])
     split = dataset.split(split_name)
     seed = saved.eval.seed + 1 if seed is None else seed
-    source = SequenceSource(split, tr.n_way, 1, per_class - 1, seed)
-    per_k: dict[int, list[torch.Tensor]] = {}
-    done = 0
     with torch.no_grad():
-        while done < n_sequences:
-            n = min(BLOCK, n_sequences - done)
-            batch = source.sample(n).to(runtime.device)
-            if transform is not None:
-                batch = batch.map_inputs(transform)
-            with runtime.autocast():
-                for k, acc in algo.instance_accuracy(batch).items():
-                    per_k.setdefault(k, []).append(acc.cpu())
-            done += n
+        measures = algo.test_measures(split, tr.n_way, per_class, n_sequences, seed, runtime, transform)
     rows = {}
-    for k, accs in per_k.items():
-        mean, ci = mean_ci95(torch.cat(accs))
+    for name, accs in measures.items():
+        k = int(name.removeprefix("acc_inst"))
+        mean, ci = mean_ci95(accs)
         rows[k] = {"acc": mean, "ci95": ci, "paper": PAPER_MANN.get(k)}
     return {"checkpoint": str(checkpoint), "step": int(state["step"]), "split": split_name, "n_way": tr.n_way,
             "per_class": per_class, "n_sequences": n_sequences, "seed": seed, "instances": rows}

@@ -139,6 +139,16 @@ class MetaLearner(nn.Module):
         default None: no embedding picture (gradient-based learners)."""
         return None
 
+    def test_measures(self, split, n_way: int, per_class: int, n_tasks: int, seed: int, runtime,
+                      transform=None) -> dict[str, torch.Tensor]:
+        """The learner's own test measures beside the task metric: ``{name: (n_tasks,) per-task values}`` over
+        ``n_tasks`` tasks of ``split`` fixed by ``seed``, in the training shape (``n_way`` classes,
+        ``per_class`` items each); ``runtime``: the run's device and autocast (engine/device.py),
+        ``transform``: the evaluation transform.  The engine writes each as ``test/<name>`` (mean) and
+        ``test/<name>_ci95`` to results.json and the logger.  Called under ``torch.no_grad()`` in eval mode.
+        The default: none (MANN: its accuracy at the k-th presentation of a class)."""
+        return {}
+
     def check_n_way(self, n_way: int) -> None:
         """Raise a one-line UserError when this learner cannot serve ``n_way``-way episodes (a fixed-size
         head).  The default accepts any ``n_way``."""

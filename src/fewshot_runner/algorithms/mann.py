@@ -41,6 +41,7 @@ ORDER_SEED_OFFSET = 0x4D414E4E  # "MANN"
 #: The support order at test time: a permutation drawn from a generator seeded with this (and nothing else),
 #: the same for every episode of a shape, so a result depends on neither eval.chunk nor any global generator.
 SUPPORT_ORDER_SEED = 20160519
+TEST_BLOCK = 50  # test sequences per forward (test_measures)
 
 
 @dataclass
@@ -245,6 +246,23 @@ class MANN(MetaLearner):
         inp = torch.cat([feats[:, n_support:], last], -1).flatten(0, 1)
         _, logits = self.step(state.repeat(n_query), inp)
         return logits.view(n_tasks, n_query, self.n_way)
+
+    def test_measures(self, split, n_way: int, per_class: int, n_tasks: int, seed: int, runtime,
+                      transform=None, instances: tuple[int, ...] = PAPER_INSTANCES) -> dict[str, torch.Tensor]:
+        """The paper's measure on ``n_tasks`` test sequences of MANN's own batch source (``n_way`` classes x
+        ``per_class`` instances, shuffled, labels permuted per sequence; seeded by ``seed``):
+        ``{"acc_inst<k>": (n_tasks,) accuracy at the k-th presentation of a class}`` for each k of
+        ``instances`` within ``per_class`` (results.json, ``scripts/mann_instances.py``)."""
+        source = SequenceSource(split, n_way, 1, per_class - 1, seed)
+        per_k: dict[int, list[torch.Tensor]] = {}
+        for start in range(0, n_tasks, TEST_BLOCK):
+            batch = source.sample(min(TEST_BLOCK, n_tasks - start)).to(runtime.device)
+            if transform is not None:
+                batch = batch.map_inputs(transform)
+            with runtime.autocast():
+                for k, acc in self.instance_accuracy(batch, instances).items():
+                    per_k.setdefault(k, []).append(acc.cpu())
+        return {f"acc_inst{k}": torch.cat(v) for k, v in per_k.items()}
 
     def instance_accuracy(self, batch: SequenceBatch, instances: tuple[int, ...] = PAPER_INSTANCES):
         """The paper's measure on sequences: {k: (n_tasks,) accuracy at the k-th presentation of a class}

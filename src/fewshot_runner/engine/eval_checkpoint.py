@@ -15,7 +15,7 @@ from fewshot_runner.engine.build import (build_dataset, build_learner, build_tra
                                          learner_class, make_run_logger, run_runtime)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import eval_weights
-from fewshot_runner.engine.evaluate import evaluate, task_metric
+from fewshot_runner.engine.evaluate import evaluate, learner_measures, measure_rows, task_metric
 from fewshot_runner.engine.pictures import save_pictures
 from fewshot_runner.engine.messages import say, write_json
 from fewshot_runner.engine.rundir import make_run_dir
@@ -103,7 +103,10 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     _, eval_tf = build_transforms(saved.data, channels=dataset.x_shape[0])
     test = evaluate(algo, split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, runtime, transform=eval_tf)
+    measures = learner_measures(algo, split, tr.n_way, tr.n_shot + tr.n_query, cfg.eval.n_episodes,
+                                cfg.eval.seed + 1, runtime, transform=eval_tf)
     results = {f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
+               **measures,
                "test/split": cfg.eval.split, "test/data": saved.data._target_.rsplit(".", 1)[-1], "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
                **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision,
@@ -113,7 +116,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
     messages = _log_eval(cfg, run_dir, saved, results, pictures)
     console.print(results_table(
         f"eval {Path(cfg.checkpoint).name}: {m.shape_text(ev.n_way, ev.n_shot)}, {cfg.eval.split}",
-        [(m.name, m.text(test[m.name], test["ci95"])), ("episodes", str(test["n_episodes"])),
+        [(m.name, m.text(test[m.name], test["ci95"])), ("episodes", str(test["n_episodes"])), *measure_rows(results),
          ("run dir", str(run_dir))]))
     for m in messages:
         say(m)

@@ -112,3 +112,27 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
     acc = torch.cat(accs)
     mean, ci = mean_ci95(acc)
     return {metric.name: mean, "ci95": ci, "n_episodes": int(acc.numel())}
+
+
+def learner_measures(algo, split: ClassSplit, n_way: int, per_class: int, n_tasks: int, seed: int, runtime: Runtime,
+                     transform=None) -> dict[str, float]:
+    """The learner's own test measures (``MetaLearner.test_measures``, e.g. MANN's accuracy per instance) as
+    ``{"test/<name>": mean, "test/<name>_ci95": half-width}``; empty for most learners.  Restores train mode."""
+    was_training = algo.training
+    algo.eval()
+    try:
+        with torch.no_grad():
+            measures = algo.test_measures(split, n_way, per_class, n_tasks, seed, runtime, transform)
+    finally:
+        algo.train(was_training)
+    out: dict[str, float] = {}
+    for name, values in measures.items():
+        out[f"test/{name}"], out[f"test/{name}_ci95"] = mean_ci95(values)
+    return out
+
+
+def measure_rows(results: dict) -> list[tuple[str, str]]:
+    """Results-table rows of the learner's own measures in ``results`` (``test/<name>`` with its ``_ci95``;
+    fractions, shown in %)."""
+    names = [k for k in results if k.startswith("test/") and f"{k}_ci95" in results and k != "test/ci95"]
+    return [(f"test {k[5:]}", f"{100 * results[k]:.2f} % ± {100 * results[k + '_ci95']:.2f}") for k in names]

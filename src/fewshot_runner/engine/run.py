@@ -33,7 +33,7 @@ from fewshot_runner.engine.build import (build_dataset, build_learner, build_tra
                                          seed_everything)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import WeightAverage, eval_weights
-from fewshot_runner.engine.evaluate import evaluate, task_metric
+from fewshot_runner.engine.evaluate import evaluate, learner_measures, measure_rows, task_metric
 from fewshot_runner.engine.faults import FaultPlan
 from fewshot_runner.engine.loop import TrainingRun
 from fewshot_runner.engine.messages import say, write_json
@@ -185,8 +185,11 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
         algo.load_state_dict(run.average.weights)
     test = evaluate(algo, test_split, ev.n_way, ev.n_shot, ev.n_query, cfg.eval.n_episodes, cfg.eval.seed + 1,
                     cfg.eval.chunk, run.runtime, transform=run.eval_transform)
+    tr, _ = episode_shapes(cfg.data)
+    measures = learner_measures(algo, test_split, tr.n_way, tr.n_shot + tr.n_query, cfg.eval.n_episodes,
+                                cfg.eval.seed + 1, run.runtime, transform=run.eval_transform)
     results = {
-        f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"],
+        f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], "test/n_episodes": test["n_episodes"], **measures,
         "test/split": cfg.eval.split, f"val/best_{m.name}": run.best_acc if run.validate else None,
         "train/split": cfg.train.split, "best_step": run.best_step, "steps": run.step,
         "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query, "wall_time_s": run.wall_time(),
@@ -194,7 +197,7 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
         "precision": run.runtime.precision, "package_version": __version__,
         "data/split_checksum": getattr(test_split, "split_checksum", None),
     }
-    run.logger.log_metrics({f"test/{m.name}": test[m.name], "test/ci95": test["ci95"]}, run.step)
+    run.logger.log_metrics({f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], **measures}, run.step)
     curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     if curves:
         run.logger.log_image(curves, "curves")
@@ -218,6 +221,7 @@ def report(run: TrainingRun, results: dict[str, Any]) -> None:
          ("test episodes", str(results["test/n_episodes"])),
          (f"best val {m.name}", f"{m.value_text(run.best_acc)} (step {run.best_step})" if run.validate
           else f"none: trained on {cfg.train.split}, the last model (step {run.best_step}) kept"),
+         *measure_rows(results),
          ("steps", str(run.step)), ("wall time", f"{results['wall_time_s']:.0f} s"), ("run dir", str(run.run_dir))]))
     for m in messages:
         say(m)
