@@ -186,3 +186,65 @@ def config_overrides(name: str, folder: Path) -> list[str]:
         writers[name](folder / "root")
     split = write_split_dir(folder / "split", fs if name == "cifar_fs" else names)
     return [f"data.root={folder / 'root'}", f"data.split_dir={split}", "data.n_way=2"]
+
+
+# ----------------------------------------------------------------------------- the published archives, as downloaded
+def tar_tree(archive: Path, base: Path, arcname: str, mode: str = "w:gz", shuffle_seed: int | None = None,
+             extra: dict[str, bytes] | None = None) -> Path:
+    """The folder ``base`` written into the tar ``archive`` as ``arcname/...`` (folders, then files; in sorted order,
+    or shuffled by ``shuffle_seed``: real archives need not list members by name), plus ``extra`` members
+    (name -> bytes) at the top of the archive."""
+    import random
+    import tarfile
+
+    paths = sorted(base.rglob("*"))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(paths)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, mode) as tf:
+        tf.add(base, arcname=arcname, recursive=False)
+        for p in sorted(paths, key=lambda q: not q.is_dir()):  # (a folder before its files; stable: keeps the shuffle)
+            tf.add(p, arcname=f"{arcname}/{p.relative_to(base).as_posix()}", recursive=False)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return archive
+
+
+def write_cifar_tar(root: Path, fine: list[str], coarse_of: dict[str, str], train_per: int = 3,
+                    test_per: int = 1) -> Path:
+    """torchvision's download as it is: ``root/cifar-100-python.tar.gz`` holding ``cifar-100-python/{train,test,meta}``
+    (``write_cifar``'s files, bytes keys) and ``file.txt~`` as the real archive does; nothing else under ``root``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = write_cifar(Path(tmp), fine, coarse_of, train_per, test_per) / "cifar-100-python"
+        (base / "file.txt~").write_bytes(b"")
+        return tar_tree(root / "cifar-100-python.tar.gz", base, "cifar-100-python")
+
+
+def write_cub_tgz(root: Path, classes: list[str], per_class: int = 3, size=(50, 40), grey: int = 0,
+                  shuffle_seed: int | None = 0) -> Path:
+    """The official ``root/CUB_200_2011.tgz`` in miniature: ``CUB_200_2011/images/<class>/*.jpg`` (``write_class_folders``;
+    the last ``grey`` classes saved grey as some CUB photographs are), ``classes.txt``, ``images.txt``, and the
+    top-level ``attributes.txt`` beside the folder; members shuffled by ``shuffle_seed``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "CUB_200_2011"
+        write_cub_folder(base, classes, per_class, size, grey)
+        return tar_tree(root / "CUB_200_2011.tgz", base, "CUB_200_2011", shuffle_seed=shuffle_seed,
+                        extra={"attributes.txt": b"1 has_bill_shape::curved_(up_or_down)\n"})
+
+
+def write_cub_folder(base: Path, classes: list[str], per_class: int = 3, size=(50, 40), grey: int = 0) -> Path:
+    """The extracted ``CUB_200_2011`` folder at ``base``: images (as ``write_cub_tgz``), ``classes.txt``, ``images.txt``."""
+    split = len(classes) - grey
+    write_class_folders(base / "images", classes[:split], per_class, size)
+    if grey:
+        write_class_folders(base / "images", classes[split:], per_class, size, mode="L")
+    (base / "classes.txt").write_text("".join(f"{k + 1} {c}\n" for k, c in enumerate(classes)))
+    files = sorted(p.relative_to(base / "images").as_posix() for p in (base / "images").rglob("*.jpg"))
+    (base / "images.txt").write_text("".join(f"{i + 1} {f}\n" for i, f in enumerate(files)))
+    return base

@@ -78,7 +78,7 @@ def test_missing_meta_or_only_the_archive_says_what_to_do(tmp_path):
     empty = tmp_path / "e"
     empty.mkdir()
     (empty / "cifar-100-python.tar.gz").write_bytes(b"x")
-    with pytest.raises(DataError, match=r"extract .*cifar-100-python.tar.gz there \(tar xzf cifar-100-python"):
+    with pytest.raises(DataError, match=r"cifar-100-python.tar.gz is not a readable tar archive"):  # read in place
         FC100(str(empty))
 
 

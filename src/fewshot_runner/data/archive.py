@@ -1,8 +1,11 @@
-"""Reading a data set's files where they lie: zip members read in place, or a folder tree.
+"""Reading a data set's files where they lie: zip or tar members read in place, or a folder tree.
 
 Nothing is ever extracted. A zip whose member names are absolute or climb out with ``..`` is
 refused outright (it could only come from a tampered archive); a symlink member is read as its
-bytes (the link text), never followed. A ``Source`` is one such place: ``kind`` "zip" (``path``
+bytes (the link text), never followed. A tar (``.tar``, ``.tar.gz``/``.tgz``, bz2, xz) is read in one
+sequential pass (``iter_tar_members``, ``read_tar_members``, ``decode_tar_into``): one holding an
+absolute or ``..`` name, a link, a device or a pipe is refused outright, and a truncated or corrupt
+one is a one-line error. A ``Source`` is one such place: ``kind`` "zip" (``path``
 is the zip file, members are its names) or "dir" (``path`` is a folder, members are paths
 relative to it, "/"-separated).
 
@@ -15,14 +18,21 @@ No torch here.
 
 from __future__ import annotations
 
+import lzma
 import os
 import re
+import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Container, Iterator
 
 from fewshot_runner.data.root import one_line
 from fewshot_runner.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -110,3 +120,189 @@ def close_zips() -> None:
     """Close every zip ``read_member`` opened in this process."""
     while _OPEN_ZIPS:
         _OPEN_ZIPS.popitem()[1].close()
+
+
+# ----------------------------------------------------------------------------- tar archives
+# A tar (gz, bz2, xz or none: whatever ``tarfile`` reads) is read in one sequential pass: a compressed
+# tar has no random access, so a member is read when the pass reaches it, never looked up. Every pass
+# checks every member header (an unsafe name, a link or a device refuses the whole archive), the
+# end-of-archive marker (a tar cut short at a member boundary) and the compressed stream to its end
+# (gzip's CRC and length), so a truncated or corrupt download is one line, not a short data set.
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError, lzma.LZMAError)
+
+
+def _tar_name(name: str) -> str:
+    """A member name as listed: "./a/b" -> "a/b" (tar writes either)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def _tar_refusal(path: str, info: tarfile.TarInfo) -> str | None:
+    """Why the member ``info`` makes the archive unsafe to read, or None."""
+    fix = "refusing the archive: replace it with the official one"
+    if unsafe_member(info.name):
+        return f"{path} holds an unsafe member name {info.name!r} (absolute or with '..'); {fix}"
+    if info.issym() or info.islnk():
+        return f"{path} holds a link member {info.name!r} (-> {info.linkname!r}); {fix}"
+    if not (info.isreg() or info.isdir()):
+        return f"{path} holds a special file member {info.name!r} (a device or pipe); {fix}"
+    return None
+
+
+def iter_tar_members(path: str | os.PathLike, wanted: Container[str] = ()) -> Iterator[tuple[str, bytes | None]]:
+    """One pass through the tar at ``path``: ``(name, data)`` for every regular file member, in archive
+    order; ``data`` is the member's bytes when ``name in wanted``, else None (not read into memory).
+
+    A one-line DataError names the archive when it is no readable tar, is truncated or corrupt, holds an
+    unsafe member (absolute, ``..``, a link, a device or pipe) or the same file twice. Nothing is extracted.
+    """
+    path = os.fspath(path)
+    seen: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for info in tf:  # (in order: each header is read where the previous member's data ends)
+                why = _tar_refusal(path, info)
+                if why is not None:
+                    raise DataError(why)
+                if info.isdir():
+                    continue
+                name = _tar_name(info.name)
+                if name in seen:
+                    raise DataError(f"{path} holds the member {name!r} twice; refusing the archive: replace it with "
+                                    f"the official one")
+                seen.add(name)
+                data = None
+                if name in wanted:
+                    f = tf.extractfile(info)
+                    data = f.read() if f is not None else b""
+                yield name, data
+            tf.fileobj.seek(tf.offset)
+            if tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker: it stops between two members")
+            while tf.fileobj.read(1 << 20):  # to the end of the compressed stream: its checksum is checked there
+                pass
+    except _TAR_ERRORS as e:
+        if not os.path.isfile(path):
+            raise DataError(f"cannot read {path} ({one_line(e)}): check that it is there and readable") from None
+        raise DataError(f"{path} is not a readable tar archive or is truncated ({type(e).__name__}: "
+                        f"{one_line(e)[:200]}): delete it and download it again") from None
+
+
+def tar_file_members(path: str | os.PathLike) -> list[str]:
+    """The names of the regular file members of the tar at ``path``, in archive order ("./" dropped).
+
+    One pass through the whole archive (a compressed tar is read to its end): the errors of ``iter_tar_members``.
+    """
+    return [name for name, _ in iter_tar_members(path)]
+
+
+def read_tar_members(path: str | os.PathLike, names: Container[str]) -> dict[str, bytes]:
+    """The bytes of those of ``names`` the tar at ``path`` holds (one pass; absent names are left out)."""
+    return {name: data for name, data in iter_tar_members(path, names) if data is not None}
+
+
+def _decode_chunk(job: tuple[Callable[[bytes], "np.ndarray"], tuple[int, ...], list[tuple[int, str, bytes]]]):
+    """Decode one chunk of (row, member, bytes): (rows, images, None) or (None, None, one-line error)."""
+    import numpy as np
+
+    decode, item_shape, items = job
+    out = np.empty((len(items), *item_shape), dtype=np.uint8)
+    for i, (_, member, data) in enumerate(items):
+        try:
+            out[i] = decode(data)
+        except Exception as e:  # noqa: BLE001 - reported to the parent as a DataError
+            return None, None, f"{member} ({type(e).__name__}: {one_line(e)})"
+    return [row for row, _, _ in items], out, None
+
+
+def decode_tar_into(out: "np.ndarray", path: str | os.PathLike, rows: dict[str, int],
+                    decode: Callable[[bytes], "np.ndarray"], what: str, description: str, *,
+                    workers: int | None = None, chunk: int = 100, pool_min: int | None = None) -> None:
+    """Decode the tar members ``rows`` names into those rows of ``out`` (uint8 (n, *item_shape)), in one
+    pass through the archive, with a progress bar: ``out[rows[m]] = decode(bytes of m)``.
+
+    The bytes are read here, in archive order, and decoded in chunks by a forked process pool (as
+    ``data.decode.decode_files``: from ``pool_min`` (default ``POOL_MIN_FILES``) members on, Linux, 2+ CPUs;
+    otherwise, or when
+    the pool breaks, here), at most two chunks per worker in flight, so memory stays bounded. Each image
+    is decoded by itself, so the result is the same for any number of workers. A member that does not
+    decode, or one ``rows`` names that the archive lacks, is a one-line DataError.
+    """
+    import multiprocessing
+    import sys
+    import warnings
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from fewshot_runner.data.decode import POOL_MIN_FILES, default_workers
+    from fewshot_runner.data.published import progress
+
+    path = os.fspath(path)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    pool = None
+    pool_min = POOL_MIN_FILES if pool_min is None else pool_min
+    if workers > 1 and len(rows) >= pool_min and sys.platform.startswith("linux"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # (forking a threaded process: see decode.py)
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                pool.submit(int).result()  # forks every worker now, before the progress bar's thread starts
+        except (OSError, ValueError, RuntimeError, BrokenProcessPool) as e:
+            warnings.warn(f"{what}: no process pool ({type(e).__name__}: {one_line(e)}); decoding in this process",
+                          stacklevel=2)
+            pool = None
+    pending: dict = {}
+    found = 0
+
+    def put(result, advance) -> None:
+        got, images, err = result
+        if err is not None:
+            raise DataError(f"cannot decode {what} image {path}:{err}: the data is corrupt, download it again")
+        out[got] = images
+        advance(len(got))
+
+    def collect(advance, block: bool) -> None:
+        nonlocal pool
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED) if block else (list(pending), None)
+        for fut in done:
+            job = pending.pop(fut)
+            try:
+                result = fut.result()
+            except (BrokenProcessPool, OSError, EOFError) as e:
+                if pool is not None:
+                    warnings.warn(f"{what}: parallel decoding failed ({type(e).__name__}: {one_line(e)}); "
+                                  f"decoding the rest in this process", stacklevel=4)
+                    pool = None
+                result = _decode_chunk(job)
+            put(result, advance)
+
+    try:
+        with progress(len(rows), description) as advance:
+            def submit(batch: list[tuple[int, str, bytes]]) -> None:
+                job = (decode, tuple(out.shape[1:]), batch)
+                if pool is None:
+                    put(_decode_chunk(job), advance)
+                    return
+                pending[pool.submit(_decode_chunk, job)] = job
+                while len(pending) >= 2 * workers:
+                    collect(advance, block=True)
+
+            batch: list[tuple[int, str, bytes]] = []
+            for name, data in iter_tar_members(path, rows):
+                if data is not None:
+                    found += 1
+                    batch.append((rows[name], name, data))
+                    if len(batch) >= chunk:
+                        submit(batch)
+                        batch = []
+            if batch:
+                submit(batch)
+            while pending:
+                collect(advance, block=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if found != len(rows):
+        raise DataError(f"{path} changed while it was read ({len(rows) - found} of {len(rows)} listed images are no "
+                        f"longer in it): run again")

@@ -8,7 +8,9 @@ Both lists were taken from torchmeta's assets (tristandeleu/pytorch-meta,
 ``torchmeta/datasets/assets/cifar100/{cifar-fs,fc100}``), which follow those papers' split files.
 
 Layout read (under ``$FEWSHOT_DATA/cifar100`` by default, one copy for both): torchvision's
-``cifar-100-python/{train,test,meta}`` (or those three files in the root itself): Python 2 pickles of a
+``cifar-100-python/{train,test,meta}`` (or those three files in the root itself), or, when neither is there,
+the archive ``cifar-100-python.tar.gz`` itself, its three members read in place (in memory; nothing
+extracted; an archive with an unsafe member, a truncated or a corrupt one refused in one line): Python 2 pickles of a
 dict with ``data`` (uint8 (n, 3072): 1,024 red, then green, then blue values, row-major), ``fine_labels``,
 ``coarse_labels``, and ``meta`` with ``fine_label_names`` and ``coarse_label_names``. They are read by a
 restricted unpickler (dicts, lists, strings, numpy arrays). Within a class the train file's images come
@@ -17,12 +19,15 @@ first, then the test file's, each in file order.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fewshot_runner.data.published import (Expect, Inspection, Layout, MissingData, as_str, check_image_size,
-                                           fingerprint, get_key, load_pickle, load_split, progress)
+from fewshot_runner.data.archive import read_tar_members
+from fewshot_runner.data.published import (Expect, Inspection, Layout, MissingData, _RestrictedUnpickler, as_str,
+                                           check_image_size, fingerprint, get_key, load_pickle, load_split, progress)
+from fewshot_runner.data.root import one_line
 from fewshot_runner.data.root import resolve_root
 from fewshot_runner.errors import DataError
 
@@ -34,8 +39,12 @@ if TYPE_CHECKING:  # pragma: no cover
 ROOT_NAME = "cifar100"
 FILES = ("train", "test", "meta")
 GET = ("get CIFAR-100's python version (cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, or "
-       "torchvision.datasets.CIFAR100(root, download=True)) and extract it in {root}, so that "
-       "{root}/cifar-100-python/train, test and meta exist")
+       "torchvision.datasets.CIFAR100(root, download=True)) and put it in {root} as it is (it is read in place), or "
+       "extract it there so that {root}/cifar-100-python/train, test and meta exist")
+TAR = "cifar-100-python.tar.gz"
+WHAT_PART = {"train": "a CIFAR-100 python file (a dict with data, fine_labels, coarse_labels)",
+             "test": "a CIFAR-100 python file (a dict with data, fine_labels, coarse_labels)",
+             "meta": "CIFAR-100's meta file (a dict of label names)"}
 #: split folder -> (data set name in messages, what the split files list, published sizes, split files' checksum)
 SCHEMES = {
     "cifar_fs": ("CIFAR-FS", "fine", Expect(per_class=600), "14bc061e212cff1b"),
@@ -49,49 +58,82 @@ def _get(root: Path) -> str:
     return GET.format(root=root)
 
 
-def find_files(root: Path) -> dict[str, Path]:
-    """train, test, meta under ``root/cifar-100-python`` or ``root``; MissingData names what is not there."""
+def find_files(root: Path) -> dict[str, Path] | Path:
+    """train, test, meta under ``root/cifar-100-python`` or ``root``; else the archive ``root/cifar-100-python.tar.gz``
+    (its Path: read in place by ``load_parts``); MissingData names what is not there."""
     if root.exists() and not root.is_dir():
         raise MissingData(f"CIFAR-100 root {root} is a file, not a folder: set data.root to the folder holding "
-                          f"cifar-100-python", [], [str(root)], _get(root))
+                          f"cifar-100-python or {TAR}", [], [str(root)], _get(root))
     for base in (root / "cifar-100-python", root):
         if all((base / f).is_file() for f in FILES):
             return {f: base / f for f in FILES}
+    if (root / TAR).is_file():
+        return root / TAR
     base = root / "cifar-100-python"
     found = [str(b / f) for b in (base, root) for f in FILES if (b / f).is_file()]
-    missing = [str(base / f) for f in FILES if not (base / f).is_file()]
-    tar = root / "cifar-100-python.tar.gz"
-    hint = f"extract {tar} there (tar xzf {tar.name})" if tar.is_file() else _get(root)
+    missing = [str(base / f) for f in FILES if not (base / f).is_file()] + [f"or {root / TAR}"]
     what = "" if root.is_dir() else " (the folder does not exist)"
-    raise MissingData(f"no CIFAR-100 python files under {root}{what} (missing {missing[0]}): {hint}", found, missing,
-                      hint)
+    raise MissingData(f"no CIFAR-100 python files under {root}{what} (missing {missing[0]}): {_get(root)}", found,
+                      missing, _get(root))
 
 
-def read_cifar(paths: dict[str, Path], root: Path) -> tuple["np.ndarray", dict, dict[str, list[str]]]:
-    """(images uint8 (60000, 3, 32, 32): train then test, labels {"fine", "coarse"} (n,), names {"fine", "coarse"})."""
+def _unpickle(data: bytes, where: str, what: str, fix: str):
+    """``published.load_pickle`` of bytes read from an archive member (the same restricted unpickler and message)."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - a torn or foreign pickle fails in many ways; all one message
+        raise DataError(f"{where} is not {what} ({type(e).__name__}: {one_line(e)[:200]}): {fix}") from None
+
+
+def load_parts(root: Path) -> tuple[dict[str, object], dict[str, str], list[Path], str, str]:
+    """The unpickled train, test and meta objects of the copy under ``root``, how messages name each, the files
+    read (for the store's key), the layout's form in words and what a message about them says to do."""
+    found = find_files(root)
+    if isinstance(found, dict):
+        fix = f"replace it with CIFAR-100's python file of that name ({_get(root)})"
+        objs = {f: load_pickle(found[f], WHAT_PART[f], fix) for f in FILES}
+        return objs, {f: str(found[f]) for f in FILES}, list(found.values()), "CIFAR-100 python files", fix
+    tar = found
+    names = {f"{base}{f}" for base in ("cifar-100-python/", "") for f in FILES}
+    data = read_tar_members(tar, names)
+    base = next((b for b in ("cifar-100-python/", "") if all(f"{b}{f}" in data for f in FILES)), None)
+    if base is None:
+        missing = [f"{tar}:cifar-100-python/{f}" for f in FILES if f"cifar-100-python/{f}" not in data]
+        raise MissingData(f"{tar} holds no member {missing[0].split(':', 1)[1]}: it is not CIFAR-100's python "
+                          f"version; {_get(root)}", [str(tar)], missing, _get(root))
+    fix = f"replace {tar.name} with the official one ({_get(root)})"
+    objs = {}
+    for f in FILES:
+        objs[f] = _unpickle(data.pop(f"{base}{f}"), f"{tar}:{base}{f}", WHAT_PART[f], fix)
+    return objs, {f: f"{tar}:{base}{f}" for f in FILES}, [tar], f"{TAR}, read in place", fix
+
+
+def read_cifar(objs: dict[str, object], where: dict[str, str], root: Path,
+               fix: str) -> tuple["np.ndarray", dict, dict[str, list[str]]]:
+    """(images uint8 (60000, 3, 32, 32): train then test, labels {"fine", "coarse"} (n,), names {"fine", "coarse"})
+    of the unpickled files ``objs`` (``where``: how messages name each; ``fix``: what they say to do)."""
     import numpy as np
 
-    fix = f"replace it with CIFAR-100's python file of that name ({_get(root)})"
     images, labels = [], {"fine": [], "coarse": []}
     for part in ("train", "test"):
-        obj = load_pickle(paths[part], "a CIFAR-100 python file (a dict with data, fine_labels, coarse_labels)", fix)
+        obj = objs[part]
         try:
             data = np.asarray(get_key(obj, "data"))
             fine, coarse = (np.asarray(get_key(obj, f"{k}_labels"), dtype=np.int64) for k in ("fine", "coarse"))
         except (KeyError, TypeError, AttributeError, ValueError):
-            raise DataError(f"{paths[part]} is not a dict with data, fine_labels and coarse_labels: {fix}") from None
+            raise DataError(f"{where[part]} is not a dict with data, fine_labels and coarse_labels: {fix}") from None
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(fine) != len(data) \
                 or len(coarse) != len(data):
-            raise DataError(f"{paths[part]}: data is {data.dtype} {data.shape} with {len(fine)} labels, not uint8 "
+            raise DataError(f"{where[part]}: data is {data.dtype} {data.shape} with {len(fine)} labels, not uint8 "
                             f"(n, 3072) with one label each: {fix}")
         images.append(data.reshape(-1, 3, 32, 32))
         labels["fine"].append(fine)
         labels["coarse"].append(coarse)
-    meta = load_pickle(paths["meta"], "CIFAR-100's meta file (a dict of label names)", fix)
+    meta = objs["meta"]
     try:
         names = {k: [as_str(n) for n in get_key(meta, f"{k}_label_names")] for k in ("fine", "coarse")}
     except (KeyError, TypeError, AttributeError):
-        raise DataError(f"{paths['meta']} is not a dict with fine_label_names and coarse_label_names: {fix}") from None
+        raise DataError(f"{where['meta']} is not a dict with fine_label_names and coarse_label_names: {fix}") from None
     out = {k: np.concatenate(v) for k, v in labels.items()}
     for k, v in out.items():
         if len(v) and (v.min() < 0 or v.max() >= len(names[k])):
@@ -105,8 +147,9 @@ def find_layout(root: Path, scheme: str, image_size: int = 32) -> Layout:
     import numpy as np
 
     what, level = SCHEMES[scheme][0], "fine"
-    paths = find_files(root)
-    images, labels, names = read_cifar(paths, root)
+    objs, where, files, form, fix = load_parts(root)
+    images, labels, names = read_cifar(objs, where, root, fix)
+    del objs
     counts = dict(zip(names[level], np.bincount(labels[level], minlength=len(names[level])).tolist()))
     index = {n: i for i, n in enumerate(names[level])}
     superclasses: dict[str, list[str]] = {}
@@ -130,10 +173,13 @@ def find_layout(root: Path, scheme: str, image_size: int = 32) -> Layout:
                 pos += len(chosen)
                 advance(len(chosen))
 
-    key = {"layout": "cifar-100-python", "files": fingerprint(list(paths.values())), "image_size": image_size,
+    archive = form.startswith(TAR)
+    key = {"layout": TAR if archive else "cifar-100-python", "files": fingerprint(files), "image_size": image_size,
            "level": level}
-    return Layout(scheme, what, root, "CIFAR-100 python files", [str(p) for p in paths.values()], counts,
-                  (3, image_size, image_size), key, fill, _get(root), superclasses)
+    found = [f"{files[0]} (read in place: {', '.join(where[f].rsplit(':', 1)[1] for f in FILES)})"] if archive \
+        else [where[f] for f in FILES]
+    return Layout(scheme, what, root, form, found, counts, (3, image_size, image_size), key, fill, _get(root),
+                  superclasses)
 
 
 def fine_classes(names: dict[str, list[str]], layout: Layout, published: bool) -> dict[str, list[str]]:
@@ -177,7 +223,8 @@ def CIFAR_FS(root: str | None = None, image_size: int = 32, *, split_dir: str | 
     """CIFAR-FS as an EpisodicDataset "cifar_fs": train (64 classes), val (16), test (20), trainval; uint8
     images (n, 3, image_size, image_size), 600 per class, read lazily from the image store.
 
-    root: the folder holding ``cifar-100-python``; None: ``$FEWSHOT_DATA/cifar100`` (shared with FC100).
+    root: the folder holding ``cifar-100-python`` or ``cifar-100-python.tar.gz``; None: ``$FEWSHOT_DATA/cifar100``
+        (shared with FC100).
     split_dir, expect, cache_dir: as ``miniimagenet.MiniImageNet``.
     """
     return inspect("cifar_fs", root, image_size, split_dir=split_dir, expect=expect, cache_dir=cache_dir).dataset()
