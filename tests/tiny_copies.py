@@ -248,3 +248,20 @@ def write_cub_folder(base: Path, classes: list[str], per_class: int = 3, size=(5
     files = sorted(p.relative_to(base / "images").as_posix() for p in (base / "images").rglob("*.jpg"))
     (base / "images.txt").write_text("".join(f"{i + 1} {f}\n" for i, f in enumerate(files)))
     return base
+
+
+def write_mini_tar(root: Path, names: dict[str, list[str]], per_class: int = 3, size: int = 84,
+                   archive: str = "mini-imagenet.tar.gz", folder: str = "") -> Path:
+    """torchmeta's ``mini-imagenet.tar.gz`` (renmengye/few-shot-ssl-public's file): ``write_mini_pickles``'s three
+    pickles at the archive's top (or in ``folder``); nothing else under ``root``."""
+    import tarfile
+    import tempfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_mini_pickles(Path(tmp), names, per_class, size)
+        with tarfile.open(root / archive, "w:gz") as tf:
+            for s in ("train", "val", "test"):
+                name = f"mini-imagenet-cache-{s}.pkl"
+                tf.add(Path(tmp) / name, arcname=f"{folder}/{name}" if folder else name)
+    return root / archive

@@ -1,5 +1,5 @@
-"""The published archives read in place, as downloaded: CIFAR-100's ``cifar-100-python.tar.gz`` (CIFAR-FS, FC100)
-and ``CUB_200_2011.tgz``, tiny copies written here in the exact archive forms (tests/tiny_copies.py). Each loads
+"""The published archives read in place, as downloaded: CIFAR-100's ``cifar-100-python.tar.gz`` (CIFAR-FS, FC100),
+``CUB_200_2011.tgz`` and miniImageNet's ``mini-imagenet.tar.gz`` (the pickles), tiny copies written here in the exact archive forms (tests/tiny_copies.py). Each loads
 equal to its extracted folder; an archive with an unsafe member, a truncated or a corrupt one is one line (and a
 non-zero exit through `fewshot data check`), and nothing is ever written outside the cache folder."""
 
@@ -13,12 +13,14 @@ import pytest
 import torch
 from conftest import one_error_line, run_cli
 from PIL import Image
-from tiny_copies import (tiny_names, write_cifar, write_cifar_tar, write_cub_folder, write_cub_tgz, write_split_dir)
+from tiny_copies import (tiny_names, write_cifar, write_cifar_tar, write_cub_folder, write_cub_tgz, write_mini_pickles,
+                         write_mini_tar, write_split_dir)
 
 from fewshot_runner.data import archive
 from fewshot_runner.data.cifar import CIFAR_FS, FC100
 from fewshot_runner.data.cub import CUB
 from fewshot_runner.data.cub import inspect as inspect_cub
+from fewshot_runner.data.miniimagenet import MiniImageNet
 from fewshot_runner.data.published import decoder, split_checksum
 from fewshot_runner.errors import DataError
 
@@ -94,6 +96,23 @@ def test_cub_tgz_builds_the_same_store_as_the_extracted_folder(tmp_path):
     # the extracted folder wins where both are there (the archive is not listed)
     (tmp_path / "folder" / "CUB_200_2011.tgz").symlink_to(tgz_root / "CUB_200_2011.tgz")
     assert inspect_cub(str(tmp_path / "folder"), split_dir=split).layout.form == "CUB_200_2011/images class folders"
+
+
+@pytest.mark.parametrize("archive, folder", [("mini-imagenet.tar.gz", ""), ("miniImageNet.tar.gz", "miniImageNet")])
+def test_mini_imagenet_tar_gz_reads_the_pickles_in_place_equal_to_the_pickles(tmp_path, archive, folder):
+    names = tiny_names("miniimagenet", 2)
+    split = write_split_dir(tmp_path / "s", names)
+    write_mini_pickles(tmp_path / "pickles", names, size=12)
+    path = write_mini_tar(tmp_path / "tar", names, size=12, archive=archive, folder=folder)
+    want = MiniImageNet(str(tmp_path / "pickles"), image_size=12, split_dir=split, cache_dir=tmp_path / "c1")
+    got = MiniImageNet(str(tmp_path / "tar"), image_size=12, split_dir=split, cache_dir=tmp_path / "c2")
+    _same_splits(got, want)
+    assert got.split("val").counts.tolist() == [3, 3] and _tree(tmp_path / "tar") == [archive]
+    info = MiniImageNet.inspect(str(tmp_path / "tar"), image_size=12, split_dir=split)
+    prefix = f"{folder}/" if folder else ""
+    assert info.layout.form == f"{archive}, read in place"
+    assert info.layout.found == [f"{path} (read in place: " + ", ".join(
+        f"{prefix}mini-imagenet-cache-{s}.pkl" for s in ("train", "val", "test")) + ")"]
 
 
 def test_tar_decoding_in_a_process_pool_equals_decoding_here_pixel_for_pixel(tmp_path):
@@ -194,6 +213,20 @@ def test_an_archive_without_the_data_says_so(tmp_path):
     with pytest.raises(DataError, match=r"cifar-100-python.tar.gz holds no member cifar-100-python/meta: it is not "
                                         r"CIFAR-100's python version"):
         FC100(str(tmp_path / "cifar"))
+    with tarfile.open(tmp_path / "mini-imagenet.tar.gz", "w:gz") as tf:
+        info = tarfile.TarInfo("mini-imagenet-cache-train.pkl")
+        tf.addfile(info, io.BytesIO(b""))
+    (tmp_path / "mini").mkdir()
+    (tmp_path / "mini-imagenet.tar.gz").rename(tmp_path / "mini" / "mini-imagenet.tar.gz")
+    with pytest.raises(DataError, match=r"mini-imagenet.tar.gz:mini-imagenet-cache-train.pkl is not a miniImageNet "
+                                        r"cache .*: replace mini-imagenet.tar.gz with the archive"):
+        MiniImageNet(str(tmp_path / "mini"))
+    pickles = write_mini_pickles(tmp_path / "p", tiny_names("miniimagenet", 1), per_class=1, size=4)
+    with tarfile.open(tmp_path / "mini" / "mini-imagenet.tar.gz", "w:gz") as tf:
+        tf.add(pickles / "mini-imagenet-cache-train.pkl", arcname="mini-imagenet-cache-train.pkl")
+    with pytest.raises(DataError, match=r"mini-imagenet.tar.gz holds no member mini-imagenet-cache-val.pkl \(at its "
+                                        r"top or one folder down\): it is not the archive of the miniImageNet pickles"):
+        MiniImageNet(str(tmp_path / "mini"))
 
 
 # ----------------------------------------------------------------------------- through the CLI

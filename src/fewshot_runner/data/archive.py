@@ -202,6 +202,20 @@ def read_tar_members(path: str | os.PathLike, names: Container[str]) -> dict[str
     return {name: data for name, data in iter_tar_members(path, names) if data is not None}
 
 
+def unpickle_member(data: bytes, where: str, what: str, fix: str):
+    """A pickled archive member's bytes rebuilt by ``published.load_pickle``'s restricted unpickler (builtin
+    containers, strings, numbers, numpy arrays; Python 2 pickles read as latin-1); anything else is its one-line
+    DataError: "<where> is not <what> (<why>): <fix>"."""
+    import io
+
+    from fewshot_runner.data.published import _RestrictedUnpickler
+
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - a torn or foreign pickle fails in many ways; all one message
+        raise DataError(f"{where} is not {what} ({type(e).__name__}: {one_line(e)[:200]}): {fix}") from None
+
+
 def _decode_chunk(job: tuple[Callable[[bytes], "np.ndarray"], tuple[int, ...], list[tuple[int, str, bytes]]]):
     """Decode one chunk of (row, member, bytes): (rows, images, None) or (None, None, one-line error)."""
     import numpy as np

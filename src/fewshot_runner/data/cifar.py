@@ -19,15 +19,13 @@ first, then the test file's, each in file order.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fewshot_runner.data.archive import read_tar_members
-from fewshot_runner.data.published import (Expect, Inspection, Layout, MissingData, _RestrictedUnpickler, as_str,
-                                           check_image_size, fingerprint, get_key, load_pickle, load_split, progress)
-from fewshot_runner.data.root import one_line
+from fewshot_runner.data.archive import read_tar_members, unpickle_member
+from fewshot_runner.data.published import (Expect, Inspection, Layout, MissingData, as_str, check_image_size,
+                                           fingerprint, get_key, load_pickle, load_split, progress)
 from fewshot_runner.data.root import resolve_root
 from fewshot_runner.errors import DataError
 
@@ -77,14 +75,6 @@ def find_files(root: Path) -> dict[str, Path] | Path:
                       missing, _get(root))
 
 
-def _unpickle(data: bytes, where: str, what: str, fix: str):
-    """``published.load_pickle`` of bytes read from an archive member (the same restricted unpickler and message)."""
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except Exception as e:  # noqa: BLE001 - a torn or foreign pickle fails in many ways; all one message
-        raise DataError(f"{where} is not {what} ({type(e).__name__}: {one_line(e)[:200]}): {fix}") from None
-
-
 def load_parts(root: Path) -> tuple[dict[str, object], dict[str, str], list[Path], str, str]:
     """The unpickled train, test and meta objects of the copy under ``root``, how messages name each, the files
     read (for the store's key), the layout's form in words and what a message about them says to do."""
@@ -104,7 +94,7 @@ def load_parts(root: Path) -> tuple[dict[str, object], dict[str, str], list[Path
     fix = f"replace {tar.name} with the official one ({_get(root)})"
     objs = {}
     for f in FILES:
-        objs[f] = _unpickle(data.pop(f"{base}{f}"), f"{tar}:{base}{f}", WHAT_PART[f], fix)
+        objs[f] = unpickle_member(data.pop(f"{base}{f}"), f"{tar}:{base}{f}", WHAT_PART[f], fix)
     return objs, {f: f"{tar}:{base}{f}" for f in FILES}, [tar], f"{TAR}, read in place", fix
 
 

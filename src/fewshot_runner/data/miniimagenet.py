@@ -10,7 +10,12 @@ Layouts read (under the resolved root, ``$FEWSHOT_DATA/miniimagenet`` by default
       (n, 84, 84, 3), and ``class_dict``, wnid -> list of row indices (as learn2learn and others ship it);
       read by a restricted unpickler (dicts, lists, strings, numpy arrays; nothing else);
   (b) the images folder of Ravi & Larochelle's script: ``images/<wnid><number>.jpg`` beside
-      ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``; the label is the wnid).
+      ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``; the label is the wnid);
+  (c) the archive of (a) as downloaded, read in place (in memory; nothing extracted): ``mini-imagenet.tar.gz``
+      (torchmeta's download, the Google Drive file of renmengye/few-shot-ssl-public) or ``miniImageNet.tar.gz``,
+      holding the three pickles at its top or in one folder. An archive with an unsafe member, or a truncated or
+      corrupt one, is refused in one line. Each pickle is unpickled as the pass reaches it: its bytes and
+      its array are in memory together (about 1.6 GB for the train pickle), beside the arrays read before.
 Images are decoded once (RGB, resized to ``image_size`` with PIL's bilinear filter when they are not
 already that size) into an image store (``data/published.py``), read lazily.
 """
@@ -23,7 +28,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fewshot_runner.data.archive import Source
+from fewshot_runner.data.archive import Source, iter_tar_members, unpickle_member
 from fewshot_runner.data.published import (SPLITS, as_str, decode_files_into, Expect, fingerprint, get_key,
                                            hwc_to_chw, inspect_published, Inspection, Layout, load_pickle,
                                            MissingData, progress)
@@ -40,8 +45,11 @@ SPLIT_CHECKSUM = "74b757e3299ec81e"
 EXPECT = Expect(per_class=600)
 PICKLES = {s: f"mini-imagenet-cache-{s}.pkl" for s in SPLITS}
 CSVS = {s: f"{s}.csv" for s in SPLITS}
-GET = ("get mini-imagenet-cache-{{train,val,test}}.pkl (the pickled caches, e.g. from learn2learn's download links) "
-       "or Ravi & Larochelle's images/ folder with train.csv, val.csv, test.csv, and put them in {root}")
+TARS = ("mini-imagenet.tar.gz", "miniImageNet.tar.gz")  # the archive of the pickles, as its downloads name it
+CACHE_WHAT = "a miniImageNet cache (a dict with image_data and class_dict)"
+GET = ("get mini-imagenet-cache-{{train,val,test}}.pkl (the pickled caches, e.g. from learn2learn's download links, or "
+       "their archive mini-imagenet.tar.gz, read in place) or Ravi & Larochelle's images/ folder with train.csv, "
+       "val.csv, test.csv, and put them in {root}")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -52,10 +60,14 @@ def _get(root: Path) -> str:
 # ----------------------------------------------------------------------------- (a) pickled caches
 def _read_cache_pickle(path: Path, root: Path) -> tuple["np.ndarray", dict[str, list[int]]]:
     """(image_data (n, H, W, 3) uint8, class_dict wnid -> row indices) of one pickled cache, checked."""
+    fix = f"replace it with the miniImageNet cache file of that name ({_get(root)})"
+    return _check_cache(load_pickle(path, CACHE_WHAT, fix), str(path), fix)
+
+
+def _check_cache(obj, path: str, fix: str) -> tuple["np.ndarray", dict[str, list[int]]]:
+    """(image_data, class_dict) of an unpickled cache, checked; messages name it ``path``."""
     import numpy as np
 
-    fix = f"replace it with the miniImageNet cache file of that name ({_get(root)})"
-    obj = load_pickle(path, "a miniImageNet cache (a dict with image_data and class_dict)", fix)
     try:
         images, class_dict = get_key(obj, "image_data"), get_key(obj, "class_dict")
     except (KeyError, TypeError, AttributeError):
@@ -81,11 +93,50 @@ def _read_cache_pickle(path: Path, root: Path) -> tuple["np.ndarray", dict[str, 
 
 def _pickle_layout(root: Path, image_size: int) -> Layout:
     paths = [root / PICKLES[s] for s in SPLITS]
-    loaded: dict[Path, tuple] = {}
+    loaded = {str(path): _read_cache_pickle(path, root) for path in paths}
+    return _caches_layout(root, image_size, loaded, "pickled caches", [str(p) for p in paths],
+                          {"layout": "pickles", "files": fingerprint(paths), "image_size": image_size})
+
+
+class _PickleMembers:
+    """The archive members that are the pickled caches: at the archive's top or one folder down."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.count("/") <= 1 and name.rsplit("/", 1)[-1] in PICKLES.values()
+
+
+def _tar_layout(root: Path, tar: Path, image_size: int) -> Layout:
+    """(c): the pickled caches read from ``tar`` in one pass, each unpickled from memory as the pass reaches it."""
+    fix = f"replace {tar.name} with the archive of the miniImageNet pickles ({_get(root)})"
+    split_of = {v: s for s, v in PICKLES.items()}
+    where: dict[str, str] = {}
+    caches: dict[str, tuple] = {}
+    for member, data in iter_tar_members(tar, _PickleMembers()):
+        if data is None:
+            continue
+        s = split_of[member.rsplit("/", 1)[-1]]
+        if s in where:
+            raise DataError(f"{tar} holds {PICKLES[s]} twice ({where[s]} and {member}): {fix}")
+        where[s], name = member, f"{tar}:{member}"
+        caches[s] = (name, _check_cache(unpickle_member(data, name, CACHE_WHAT, fix), name, fix))
+        del data
+    missing = [PICKLES[s] for s in SPLITS if s not in where]
+    if missing:
+        raise MissingData(f"{tar} holds no member {missing[0]} (at its top or one folder down): it is not the archive "
+                          f"of the miniImageNet pickles; {_get(root)}", [str(tar)], [f"{tar}:{m}" for m in missing],
+                          _get(root))
+    loaded = dict(caches[s] for s in SPLITS)
+    return _caches_layout(root, image_size, loaded, f"{tar.name}, read in place",
+                          [f"{tar} (read in place: {', '.join(where[s] for s in SPLITS)})"],
+                          {"layout": tar.name, "files": fingerprint([tar]), "image_size": image_size})
+
+
+def _caches_layout(root: Path, image_size: int, loaded: dict[str, tuple["np.ndarray", dict[str, list[int]]]],
+                   form: str, found: list[str], key: dict) -> Layout:
+    """The Layout of checked caches (``loaded``: how messages name each -> (image_data, class_dict))."""
     counts: dict[str, int] = {}
-    where: dict[str, tuple[Path, list[int]]] = {}
-    for path in paths:
-        images, rows = loaded[path] = _read_cache_pickle(path, root)
+    where: dict[str, tuple[str, list[int]]] = {}
+    for path, (images, rows) in loaded.items():
         for wnid, idx in rows.items():
             if wnid in where:
                 raise DataError(f"class {wnid} is both in {where[wnid][0]} and {path}: keep one copy of miniImageNet "
@@ -104,8 +155,7 @@ def _pickle_layout(root: Path, image_size: int) -> Layout:
                 advance(len(idx))
         loaded.clear()
 
-    return Layout(NAME, WHAT, root, "pickled caches", [str(p) for p in paths], counts, (3, image_size, image_size),
-                  {"layout": "pickles", "files": fingerprint(paths), "image_size": image_size}, fill, _get(root))
+    return Layout(NAME, WHAT, root, form, found, counts, (3, image_size, image_size), key, fill, _get(root))
 
 
 # ----------------------------------------------------------------------------- (b) images + csv
@@ -166,6 +216,9 @@ def find_layout(root: Path, image_size: int = 84) -> Layout:
         return _pickle_layout(root, image_size)
     if len(have_f) == len(folder) and (root / "images").is_dir():
         return _folder_layout(root, image_size)
+    tars = [root / t for t in TARS if (root / t).is_file()]
+    if tars and not have_p:
+        return _tar_layout(root, tars[0], image_size)
     if have_p or have_f:  # a partial copy of one layout: name what it lacks
         want = pickles if len(have_p) >= len(have_f) else folder
         missing = [str(p) for p in want if not p.exists()]
