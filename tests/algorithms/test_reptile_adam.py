@@ -227,6 +227,21 @@ def test_the_carried_state_is_in_the_state_dict_and_a_reload_goes_on_bitwise():
     assert not any(k.startswith("carried.") for k in make_adam(inner_optimizer="sgd").state_dict())
 
 
+def test_a_non_finite_inner_loop_updates_neither_the_weights_nor_the_carried_state():
+    """A NaN pixel in one task: the step reports a NaN loss (the engine then stops, or skips with train.on_nan=skip)
+    and leaves the weights and the carried Adam state as they were (a NaN in the carried moments would stay)."""
+    eps = make_episodes(n_tasks=2)
+    m = make_adam(inner_state="carry")
+    m.set_progress(0, 4)
+    m.outer_step(eps, optimizer=None)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = eps.support_x.clone()
+    bad[1, 0, 0, 0, 0] = float("nan")
+    metrics = m.outer_step(eps.__class__(bad, eps.support_y, eps.query_x, eps.query_y, eps.n_way), optimizer=None)
+    assert metrics["loss"] != metrics["loss"]  # NaN
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
 def test_auto_groups_reptiles_small_inner_steps_on_cpu():
     """device.batch_tasks=auto for training: grouped convolutions where each inner step takes few images per task
     (the paper's batches of 10 from a 50-image pool), the loop for whole-pool steps, for a carried Adam state

@@ -1,21 +1,18 @@
 """Reptile (Nichol, Achiam & Schulman, 2018): a first-order meta-learner whose outer update is not a
-gradient step.  For each task of a meta-batch, ``inner_steps`` steps of the inner optimizer from the
-weights theta give phi_task; then theta <- theta + eps * mean_tasks(phi_task - theta), with the outer step
-size eps annealed linearly from ``outer_step_size`` to ``outer_step_size_final`` over training (the paper:
-1 -> 0).
+gradient step.  Each task of a meta-batch: ``inner_steps`` steps of the inner optimizer from theta give
+phi_task; then theta <- theta + eps * mean_tasks(phi_task - theta), eps annealed linearly from
+``outer_step_size`` to ``outer_step_size_final`` over training (the paper: 1 -> 0).
 
-The inner optimizer (``inner_optimizer``): plain SGD at ``inner_lr``, or Adam (Kingma & Ba 2015,
-Algorithm 1: bias-corrected moments, ``inner_beta1``, ``inner_beta2``, ``inner_eps``), the paper's
-Omniglot and miniImageNet setting (lr 1e-3, beta1 = 0: its code's ``AdamOptimizer(beta1=0)``).  Its code
-builds one Adam and resets only the weights after a task, so the moments and Adam's step count carry
-over from task to task and meta-step to meta-step, and every test task starts from them (they are
-restored after it); ``inner_state=carry`` does the same here (the state is a set of buffers, in the
-checkpoint), ``reset`` starts every task from zero moments.
+The inner optimizer (``inner_optimizer``): SGD at ``inner_lr``, or Adam (Kingma & Ba 2015, Algorithm 1;
+``inner_beta1``, ``inner_beta2``, ``inner_eps``), the paper's setting (lr 1e-3, its code's
+``AdamOptimizer(beta1=0)``).  Its code resets only the weights after a task, so Adam's moments and step
+count carry over from task to task and meta-step to meta-step, and every test task starts from them
+(restored after it); ``inner_state=carry`` does the same (buffers, in the checkpoint), ``reset`` starts
+every task from zero moments.
 
-The math is in pure functions (:class:`InnerSGD` / :class:`InnerAdam`: one step, functional;
-:func:`inner_loop` / :func:`inner_grouped`: the same steps task by task or for every task at once as
-grouped convolutions; :func:`reptile_update`); the class is a shell with its own ``outer_step`` (the
-engine's optimizer is not used).
+The math is in pure functions (:class:`InnerSGD` / :class:`InnerAdam`: one step; :func:`inner_loop`,
+:func:`inner_grouped`, :func:`inner_vmapped`: task by task or all at once; :func:`reptile_update`); the
+class is a shell with its own ``outer_step`` (the engine's optimizer is not used).
 
 Data: Reptile trains on the task's own data, so a training task's support and query images form one
 pool (``train_n_shot + train_n_query`` images per class; the paper's Omniglot setting is 10 per class).
@@ -287,12 +284,11 @@ class Reptile(GradientLearner):
                                   "differentiate")
 
     def train_mode(self, batch: Episode) -> str:
-        """How a training batch's inner loops run: ``"groups"`` (grouped convolutions) or ``"off"`` (task after
-        task).  ``auto``: on CPU, grouped where each inner step takes at most ``CPU_BATCHED_MAX_IMAGES`` images per
-        task (``inner_batch``, or the whole pool) on a backbone with ``forward_tasks``, as gradient.task_mode does
-        for MAML's support sets: what counts is the images of one forward, not the pool (1-thread sizing, the
-        paper's strided Omniglot net, 5 tasks x 5 steps of 10 images: grouped about 0.7x the loop's time; steps of
-        the whole 50-image pool: about 1.3x); on CUDA the loop.  A carried Adam state: always the loop."""
+        """How a training batch's inner loops run: ``"groups"`` or ``"off"`` (task after task).  ``auto``: on CPU,
+        groups where one inner step takes <= ``CPU_BATCHED_MAX_IMAGES`` images per task (``inner_batch``, else the
+        pool) and the backbone has ``forward_tasks``: gradient.task_mode's rule applied to one forward, not the pool
+        (1-thread sizing, the paper's strided net, 5 tasks x 5 steps of 10 images: groups 0.66-0.76x the loop's
+        time; whole 50-image pools: 0.9-1.3x).  On CUDA, or with a carried Adam state: the loop."""
         if self.carried is not None or self.batch_tasks in ("off", "on"):
             return "off"
         if self.batch_tasks == "groups":
@@ -314,17 +310,20 @@ class Reptile(GradientLearner):
             perms = torch.rand(x.shape[0], n).argsort(1).to(x.device)  # global generator (restored on resume)
         theta = {k: v.detach() for k, v in self.meta_params().items()}
         fns = {"loss_fn": self.loss_fn, "metric_fn": self.metric_fn}
+        state = self.carried.get() if self.carried is not None else None
         with torch.enable_grad():
             if self.train_mode(batch) == "groups":
                 phis, loss, acc = inner_grouped(self.net, theta, x, y, self.inner_opt(), self.inner_steps,
                                                 self.inner_batch, perms, **fns)
             else:
-                carried = self.carried.get() if self.carried is not None else None
                 phis, loss, acc, state = inner_loop(self.net, theta, x, y, self.inner_opt(), self.inner_steps,
-                                                    self.inner_batch, perms, carried, carried is not None, **fns)
-                if self.carried is not None:
-                    self.carried.put(state)
+                                                    self.inner_batch, perms, state, state is not None, **fns)
         eps = self.current_step_size()
+        if not bool(torch.stack([torch.isfinite(v).all() for v in phis.values()]).all()):
+            # no update, no new Adam state: the engine stops or skips the step (train.on_nan)
+            return {"loss": float("nan"), self.metric_name: float(acc), "outer_step_size": eps}
+        if self.carried is not None:
+            self.carried.put(state)
         params = self.meta_params()
         with torch.no_grad():
             for k, p in reptile_update(theta, phis, eps).items():
