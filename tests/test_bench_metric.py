@@ -38,28 +38,39 @@ def assert_matches_reference(row):
     assert 0.0 <= row["grad_rel_err_fp64"] <= 1e-10, (name, row["grad_rel_err_fp64"])
     assert 0.0 < row["ref_grad_rel_err"] < 1e-3, (name, row["ref_grad_rel_err"])  # (fp32 really ran in fp32)
     assert 0.0 <= row["grad_rel_err"] <= 2e-5, (name, row["grad_rel_err"])
-    for k in ("ms_per_it", "ref_ms_per_it", "speedup"):
-        assert isinstance(row[k], float) and row[k] > 0, (name, k)
-    assert row["fast_path"].startswith(f"package {name.split('_')[0]} ") and row["reference"]
 
 
-def test_bench_matchingnet_matches_an_easyfsl_style_reference_on_the_same_episode(tmp_path):
-    (row,) = run_bench(tmp_path, "matchingnet_5w1s")
+def assert_row(row):
+    """A result row of scripts/bench.py: the checks above, timings, and which paths were compared."""
     assert_matches_reference(row)
+    for k in ("ms_per_it", "ref_ms_per_it", "speedup"):
+        assert isinstance(row[k], float) and row[k] > 0, (row["name"], k)
+    assert row["fast_path"].startswith(f"package {row['name'].split('_')[0]} ") and row["reference"]
+
+
+def test_matchingnet_check_matches_an_easyfsl_style_reference_on_the_same_episode():
+    """The plugin's check alone, in one process (the default tier's budget): Matching Networks 5-way 1-shot."""
+    assert_matches_reference({"name": "matchingnet_5w1s", **check_with_reference("matchingnet_5w1s", "")})
+
+
+@pytest.mark.slow  # (about 20 s of CPU: three processes)
+def test_bench_matchingnet_case_writes_a_row_that_matches_its_reference(tmp_path):
+    (row,) = run_bench(tmp_path, "matchingnet_5w1s")
+    assert_row(row)
     assert row["meta_batch"] == 1 and (row["n_way"], row["n_shot"], row["n_query"]) == (5, 1, 15)
 
 
-@pytest.mark.slow  # (about a minute on idle cores: three processes per case)
+@pytest.mark.slow  # (about 2 minutes of CPU: three processes per case)
 def test_bench_relationnet_siamese_baselines_and_fce_match_their_plain_references(tmp_path):
     cases = "matchingnet_fce_5w1s,relationnet_5w1s_19q,siamese_pairs128,baseline_b16,baselinepp_b16"
     for row in run_bench(tmp_path, cases):
-        assert_matches_reference(row)
+        assert_row(row)
 
 
-@pytest.mark.slow  # (about 30 s on idle cores)
+@pytest.mark.slow  # (about 25 s of CPU)
 def test_bench_mann_matches_a_plain_recurrence_of_the_paper(tmp_path):
     (row,) = run_bench(tmp_path, "mann_5w10i_b16")
-    assert_matches_reference(row)
+    assert_row(row)
     assert row["meta_batch"] == 2  # --tiny: 2 sequences of 50 steps
 
 
@@ -77,7 +88,7 @@ def check_with_reference(case: str, patch: str) -> dict:
     return json.loads(line[len("CHECK "):])
 
 
-@pytest.mark.slow  # (about 15 s on idle cores)
+@pytest.mark.slow  # (about 6 s of CPU)
 def test_bench_check_catches_a_reference_that_computes_another_function():
     """The check has teeth: Baseline++'s reference with the cosine scale 2 instead of the authors' 10 for its
     4112 classes is off in the loss and in the gradients, in fp32 and in float64."""
