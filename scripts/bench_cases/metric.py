@@ -111,11 +111,13 @@ def relationnet_spec(case) -> list:
     c_in = 2 * D
     for i in range(2):
         b = (c_in * 9) ** -0.5
-        spec += [(f"relation.blocks.{i}.conv.weight", (D, c_in, 3, 3), -b, b), (f"relation.blocks.{i}.conv.bias", (D,), -b, b),
-                 (f"relation.blocks.{i}.bn.weight", (D,), 1.0, 1.0), (f"relation.blocks.{i}.bn.bias", (D,), 0.0, 0.0)]
+        block = f"relation.blocks.{i}"
+        spec += [(f"{block}.conv.weight", (D, c_in, 3, 3), -b, b), (f"{block}.conv.bias", (D,), -b, b),
+                 (f"{block}.bn.weight", (D,), 1.0, 1.0), (f"{block}.bn.bias", (D,), 0.0, 0.0)]
         c_in = D
-    return spec + [("relation.fc1.weight", (8, D), -D ** -0.5, D ** -0.5), ("relation.fc1.bias", (8,), -D ** -0.5, D ** -0.5),
-                   ("relation.fc2.weight", (1, 8), -8 ** -0.5, 8 ** -0.5), ("relation.fc2.bias", (1,), -8 ** -0.5, 8 ** -0.5)]
+    b1, b2 = D ** -0.5, 8 ** -0.5
+    return spec + [("relation.fc1.weight", (8, D), -b1, b1), ("relation.fc1.bias", (8,), -b1, b1),
+                   ("relation.fc2.weight", (1, 8), -b2, b2), ("relation.fc2.bias", (1,), -b2, b2)]
 
 
 def relationnet_reference(case):
@@ -131,7 +133,8 @@ def relationnet_reference(case):
         def __init__(self) -> None:
             super().__init__()
             self.encoder = easyfsl_conv4(pool_blocks=2)
-            self.layer1 = nn.Sequential(nn.Conv2d(2 * D, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(), nn.MaxPool2d(2))
+            self.layer1 = nn.Sequential(nn.Conv2d(2 * D, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
+                                        nn.MaxPool2d(2))
             self.layer2 = nn.Sequential(nn.Conv2d(D, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(), nn.MaxPool2d(2))
             self.fc1, self.fc2 = nn.Linear(D, 8), nn.Linear(8, 1)
             self.package_names = easyfsl_conv4_names("encoder")

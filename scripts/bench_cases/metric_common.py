@@ -10,10 +10,11 @@ Both sides of a case start from the same weights and step on the same batch:
 * the batch: the package's from ``algo.batch_source(split, ...)`` (seeded with ``bench.SEED_EPISODES``), the
   reference's from the same data-layer source built directly (``Workload.source``); the check says whether the
   two are identical (``check_note``).  The split: Omniglot's size, 4112 training classes (with rotations) x 20
-  images of uniform random pixels (``random_split``): Baseline's head is as wide as on Omniglot, and no two
-  3x3 patches are equal, so max-pool windows hold no exact ties (on images with flat regions, the synthetic
-  data's or Omniglot's, a tie is broken one way by the fused / channels-last kernels and another by the plain
-  NCHW ones: both valid subgradients, but fp32 gradients then differ by ~1e-3 and measure tie-breaking, not error).
+  images of uniform random pixels (``train_split``): Baseline's head is as wide as on Omniglot, and max-pool
+  windows hold no exact ties.  (On images with flat regions, the synthetic data's or Omniglot's, equal conv
+  outputs tie in a window, and fp32 rounding breaks the tie one way in the fused / channels-last kernels and
+  another in the plain NCHW ones: both valid subgradients, but the first layers' fp32 gradients then differ by
+  ~7e-4 (measured on Matching Networks) and the check would measure tie-breaking, not error.)
 
 The package side is built by ``bench.compose_learner`` (``fewshot train``'s configs, ``device.fused_ops`` and
 channels-last as resolved there), its optimizer by ``engine.build.make_optimizer`` and it is stepped by the
@@ -32,8 +33,9 @@ import bench
 
 Spec = list  # [(package parameter name, shape, low, high)]
 
-# The device the fast step ran on in this child process (bench.run_child calls check after it): the check's too.
-_RAN_ON = {"device_type": "cpu"}
+# The device and precision the fast step ran with in this child process (bench.run_child calls check after it):
+# the check's too (its fp32 side under bf16 autocast when the timed path ran so; its float64 side never).
+_RAN_ON = {"device_type": "cpu", "precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def fast_step(case, work: Workload, device_type: str, threads: int, fused: str, 
     from fewshot_runner.engine.outer_step import gradient_outer_step, step_helpers
 
     algo, runtime, cfg, batch = package_side(case, work, device_type, threads, fused, precision, tiny)
-    _RAN_ON["device_type"] = device_type
+    _RAN_ON.update(device_type=device_type, precision=precision)
     opt = make_optimizer(cfg, algo)
     planner, graphed = step_helpers(algo, runtime, cfg.train)
     own = algo.has_own_outer_step()
@@ -275,7 +277,7 @@ def check(case, work: Workload, tiny: bool) -> dict:
 
     fused, _ = bench.fused_ops_mode()
     algo, runtime, _, batch = package_side(case, work, _RAN_ON["device_type"], torch.get_num_threads(), fused,
-                                           "fp32", tiny)
+                                           _RAN_ON["precision"], tiny)
     device = runtime.device
     matches = same_batch(batch, reference_batch(case, work, tiny, device))
     spec = work.spec(case)
@@ -291,7 +293,8 @@ def check(case, work: Workload, tiny: bool) -> dict:
         "ref_grad_rel_err": bench.relative_errors(ref32, ref64)[0],
         "grad_rel_err_vs_ref_fp32": bench.relative_errors(fast32, ref32)[0],
         "grad_rel_err_fp64": bench.relative_errors(fast64, ref64)[0],
-        "grad_check": f"real net; fast fp32 vs plain reference fp64; the whole batch ({case.batch(tiny)}), "
+        "grad_check": f"real net; fast {_RAN_ON['precision']} vs plain reference fp64; the whole batch "
+                      f"({case.batch(tiny)}), "
                       f"initial weights; fused_ops={fused}, channels_last={runtime.channels_last}",
         "check_note": "loss and gradients of the first step; the package's batch from its batch_source "
                       + ("equals" if matches else "DIFFERS FROM") + " the reference's",
