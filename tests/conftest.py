@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import fewshot_runner.config  # noqa: F401  (registers the schemas)
-from fewshot_runner.cli import conf_dir
+from fewshot_runner.cli import ALLOCATOR_ENV, conf_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -75,11 +76,17 @@ def omniglot_root() -> Path:
 
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300,
-            input_signal=None) -> subprocess.CompletedProcess:
-    """Run the real `fewshot` CLI in a subprocess (python -m fewshot_runner.cli)."""
+            input_signal=None, reexec: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `fewshot` CLI in a subprocess (python -m fewshot_runner.cli).
+
+    The launcher's allocator variables (``cli.ALLOCATOR_ENV``) are set unless already set or ``reexec``, so the
+    process starts one interpreter instead of re-executing itself into a second (a second or two of every CLI
+    test on a loaded core); tests/test_cli.py's console-script test runs the real re-exec path."""
     env = dict(os.environ)
     env.setdefault("FEWSHOT_DATA", str(real_data_root() or cwd / "no-data"))
     env.pop("COMET_API_KEY", None)  # never log tests with the developer's Comet key
+    if not reexec:
+        env.update({k: v for k, v in ALLOCATOR_ENV.items() if not env.get(k)})
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "fewshot_runner.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -94,6 +101,50 @@ def one_error_line(p: subprocess.CompletedProcess, *fragments: str) -> str:
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
+
+
+# ----------------------------------------------------------------------------- a learner's smoke, eval and resume
+# The issue's check of every learner, through the real CLI in subprocesses: `fewshot train algo=NAME debug=smoke`,
+# `fewshot eval` of its best.pt, and a run killed between checkpoints that `resume=auto` ends bitwise equal to the
+# unbroken one. Each tests/algorithms/test_NAME.py adds its own assertions on what these return.
+# 4 steps, last.pt at 2 and 4, validation at 2 and 4, a log record each step: what kill_and_resume's kill in step 3 needs
+RESUMABLE_STEPS = ["train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+
+
+def smoke_train(root: Path, args: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+    """`fewshot train ARGS hydra.run.dir=ROOT/run` in ROOT succeeds: the run folder and the finished process."""
+    run = root / "run"
+    p = run_cli(["train", *args, f"hydra.run.dir={run}"], root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return run, p
+
+
+def smoke_eval(run: Path, cwd: Path, *overrides: str) -> dict:
+    """`fewshot eval checkpoint=RUN/checkpoints/best.pt OVERRIDES device=cpu hydra.run.dir=CWD/ev` succeeds with a
+    test accuracy in [0, 1]: its results.json."""
+    ev = cwd / "ev"
+    p = run_cli(["eval", f"checkpoint={run / 'checkpoints' / 'best.pt'}", *overrides, "device=cpu",
+                 f"hydra.run.dir={ev}"], cwd)
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = json.loads((ev / "results.json").read_text())
+    assert 0 <= results["test/acc"] <= 1
+    return results
+
+
+def kill_and_resume(args: list[str], unbroken: Path, cwd: Path) -> tuple[Path, dict]:
+    """`fewshot train ARGS` (with RESUMABLE_STEPS) killed (SIGKILL) in step 3 with last.pt at step 2, then resumed with resume=auto: it ends
+    bitwise equal to the UNBROKEN run of the same ARGS (test_faults.assert_same_run). Returns the run folder and
+    last.pt as the kill left it (torch.load)."""
+    import torch
+    from test_faults import assert_same_run, fewshot, killed, ok, step_of
+
+    run = cwd / "run"
+    killed(fewshot([*args, f"hydra.run.dir={run}"], cwd, fault="kill@step:3"))
+    assert step_of(run / "checkpoints" / "last.pt") == 2
+    at_kill = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    ok(fewshot([*args, f"hydra.run.dir={run}", "resume=auto"], cwd))
+    assert_same_run(unbroken, run)
+    return run, at_kill
 
 
 @pytest.fixture

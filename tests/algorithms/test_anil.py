@@ -1,14 +1,12 @@
 """ANIL: the inner loop adapts the head only; checked in float64 against Meta-SGD's per-weight rule with zero
 rates for the body (MAML with the body's inner rate set to 0) and against finite differences."""
 
-import json
-
 import pytest
 import torch
 from test_adaptation import _fd_rel_error
 from test_maml import SmoothConv, make_episodes
 
-from conftest import run_cli
+from conftest import smoke_eval, smoke_train
 from fewshot_runner.algorithms.adaptation import adapt
 from fewshot_runner.algorithms.anil import ANIL
 from fewshot_runner.algorithms.metasgd import MetaSGD, rate_key
@@ -78,13 +76,7 @@ def test_anil_grouped_convolutions_and_vmap_give_the_loop_meta_gradient_in_float
 
 
 def test_anil_smoke_train_then_eval(tmp_path):
-    run = tmp_path / "run"
-    p = run_cli(["train", "algo=anil", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.val_episodes=4",
-                 "eval.n_episodes=6", f"hydra.run.dir={run}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run, p = smoke_train(tmp_path, ["algo=anil", "debug=smoke", "backbone.hidden=8", "device.threads=1",
+                                    "train.val_episodes=4", "eval.n_episodes=6"])
     assert "ANIL" in p.stdout
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={run / 'checkpoints' / 'best.pt'}", "algo.eval_inner_steps=5",
-                 "algo.inner_lr=0.2", "eval.n_episodes=10", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(run, tmp_path, "algo.eval_inner_steps=5", "algo.inner_lr=0.2", "eval.n_episodes=10")

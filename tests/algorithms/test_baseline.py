@@ -3,7 +3,6 @@ the training split's classes only, the test-time fit against the authors' per-ta
 and torch.optim.SGD, float64), fitted on the support set alone, deterministic and independent of the block, and
 the CLI (smoke, eval, kill + resume)."""
 
-import json
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms import baseline as bl
 from fewshot_runner.algorithms.baseline import Baseline, BaselinePlusPlus, chen_scale, cosine_logits, fit_heads
 from fewshot_runner.episode import Episode, LabelledBatch
@@ -192,28 +191,20 @@ def test_a_checkpoint_head_of_another_width_is_taken_on_load():
 FAST = ["algo=baseline", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.meta_batch_size=8",
         "algo.fit_epochs=20", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 # with a weight average: the engine sets it up after batch_source has sized the head over the training classes
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1",
-             "train.ema_decay=0.5"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS, "train.ema_decay=0.5"]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=baseline debug=smoke` (4 steps of 8 images), run once for the tests below."""
-    root = tmp_path_factory.mktemp("baseline")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("baseline"), RESUMABLE)[0]
 
 
 def test_baseline_smoke_train_then_eval(unbroken, tmp_path):
     state = torch.load(unbroken / "checkpoints" / "last.pt", weights_only=True)
     assert state["model"]["head.w"].shape == (64, 8)  # the synthetic training split's 64 classes, Conv4's 8 features
     assert state["ema"]["weights"]["head.w"].shape == (64, 8) and state["ema"]["updates"] == 4
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "algo.fit_epochs=5",
-                 "eval.n_episodes=6", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "algo.fit_epochs=5", "eval.n_episodes=6")
 
 
 @pytest.mark.slow
@@ -223,23 +214,16 @@ def test_baseline_pp_smoke_train():
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
-        p = run_cli(["train", *FAST, "algo=baselinepp", f"hydra.run.dir={Path(d) / 'run'}"], Path(d))
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert torch.load(Path(d) / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]["head.v"].shape == (64, 8)
+        run, _ = smoke_train(Path(d), [*FAST, "algo=baselinepp"])
+        assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]["head.v"].shape == (64, 8)
 
 
 @pytest.mark.slow
 def test_baseline_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """The class-batch source's epoch permutation and cursor: killed in step 3 (last.pt at 2), resumed with
     resume=auto, the run ends bitwise equal to an unbroken one."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    at_2 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    run, at_kill = kill_and_resume(RESUMABLE, unbroken, tmp_path)
+    at_2 = at_kill["sampler"]
     at_4 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]
     assert (at_2["cursor"], at_4["cursor"]) == (16, 32)  # 2 and 4 batches of 8 into the first epoch's permutation
 

@@ -2,16 +2,16 @@
 derivative order, each switch off = MAML, per-step batch norm by hand, the three executions, and the CLI."""
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_adaptation import _fd_rel_error
+from test_faults import records
 from test_maml import SmoothConv, make_episodes
 from torch import nn
 
-from conftest import one_error_line, run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, one_error_line, run_cli, smoke_eval, smoke_train
 from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.algorithms.mamlpp import MAMLPlusPlus, msl_weights
 from fewshot_runner.errors import UserError
@@ -342,18 +342,14 @@ def test_a_captured_training_step_is_captured_again_when_the_schedules_change_it
 
 # ----------------------------------------------------------------------------- the CLI
 RESUMABLE = ["algo=mamlpp", "debug=smoke", "backbone.hidden=8", "device.threads=1", "algo.inner_steps=2",
-             "algo.eval_inner_steps=2", "algo.msl_steps=3", "algo.first_order_until=2", "train.steps=4",
-             "train.ckpt_every=2", "train.val_every=2", "train.log_every=1", "train.val_episodes=4",
-             "eval.n_episodes=6", "eval.chunk=3"]
+             "algo.eval_inner_steps=2", "algo.msl_steps=3", "algo.first_order_until=2", *RESUMABLE_STEPS,
+             "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=mamlpp debug=smoke` (4 steps: MSL until step 3, second order from step 2, cosine lr)."""
-    root = tmp_path_factory.mktemp("mamlpp")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("mamlpp"), RESUMABLE)[0]
 
 
 def test_mamlpp_smoke_train_then_eval(unbroken, tmp_path):
@@ -362,14 +358,10 @@ def test_mamlpp_smoke_train_then_eval(unbroken, tmp_path):
     assert state["norms.0__blocks__0__bn.running_mean"].shape == (2, 8)  # per-step statistics travel
     assert state["inner_lrs.1__weight"].shape == (2,) and not torch.equal(state["inner_lrs.1__weight"],
                                                                           torch.full((2,), 0.1))
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     lrs = [r["train/lr"] for r in rows if "train/lr" in r]
     assert lrs[0] > lrs[-1]  # cosine
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={best}", "algo.eval_inner_steps=1", "algo.eval_bn=running", "eval.n_episodes=6",
-                 "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "algo.eval_inner_steps=1", "algo.eval_bn=running", "eval.n_episodes=6")
     p = run_cli(["eval", f"checkpoint={best}", "algo.eval_inner_steps=3", "device=cpu",
                  f"hydra.run.dir={tmp_path / 'x'}"], tmp_path)
     one_error_line(p, "algo.eval_inner_steps=3")
@@ -379,10 +371,4 @@ def test_mamlpp_smoke_train_then_eval(unbroken, tmp_path):
 def test_mamlpp_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise the unbroken run (the per-step running
     statistics are buffers of the model; the schedules follow the step the engine restores)."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    kill_and_resume(RESUMABLE, unbroken, tmp_path)

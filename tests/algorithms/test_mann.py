@@ -9,8 +9,9 @@ import sys
 
 import pytest
 import torch
+from test_faults import records
 
-from conftest import REPO, run_cli
+from conftest import REPO, RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms.mann import MANN, SequenceBatch, SequenceSource, support_order
 from fewshot_runner.algorithms.memory import (COSINE_EPS, instance_accuracy, instance_numbers, least_used, read,
                                               read_weights, sequence_inputs, usage_update, write, write_weights)
@@ -216,28 +217,21 @@ def test_bad_settings_are_one_line_errors():
 FAST = ["algo=mann", "debug=smoke", "device.threads=1", "algo.controller_size=16", "algo.memory_slots=16",
         "algo.memory_width=8", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=mann debug=smoke` (4 steps, checkpoints at 2 and 4), run once for the tests below."""
-    root = tmp_path_factory.mktemp("mann")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("mann"), RESUMABLE)[0]
 
 
 def test_mann_smoke_train_logs_per_instance_accuracy_then_eval(unbroken, tmp_path):
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 4  # smoke: 5-way, 1 shot + 5 queries per class: instances 1..5 of each class
     assert all({f"train/acc_inst{k}" for k in (1, 2, 3, 4, 5)} <= set(r) and "train/acc_inst10" not in r for r in train)
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "eval.n_episodes=6", "device=cpu",
-                 f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "eval.n_episodes=6")
 
 
 def test_mann_instances_script_prints_the_table(unbroken, tmp_path):
@@ -254,10 +248,4 @@ def test_mann_instances_script_prints_the_table(unbroken, tmp_path):
 def test_mann_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Its sequence source (the sampler's generator and its own order generator): killed in step 3 (last.pt
     at 2), resumed with resume=auto, the run ends bitwise equal to an unbroken one."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    kill_and_resume(RESUMABLE, unbroken, tmp_path)

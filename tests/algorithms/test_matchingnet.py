@@ -2,14 +2,14 @@
 embeddings against LSTM equations written out here, the loss's float64 gradient against central differences,
 and the CLI (smoke train with FCE, eval, kill + resume)."""
 
-import json
 import math
 
 import pytest
 import torch
+from test_faults import records
 from torch import nn
 
-from conftest import run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms.matchingnet import MatchingNetworks
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
@@ -139,37 +139,24 @@ def test_matching_loss_gradient_matches_finite_differences_in_float64(fce):
 
 FAST = ["algo=matchingnet", "algo.fce=true", "debug=smoke", "backbone.hidden=8", "device.threads=1",
         "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=matchingnet algo.fce=true debug=smoke` (4 steps, checkpoints at 2 and 4), run once."""
-    root = tmp_path_factory.mktemp("matchingnet")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("matchingnet"), RESUMABLE)[0]
 
 
 def test_matching_smoke_train_with_fce_then_eval(unbroken, tmp_path):
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "eval.n_episodes=6", "device=cpu",
-                 f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "eval.n_episodes=6")
 
 
 @pytest.mark.slow
 def test_matching_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise equal to the unbroken run (slow: the
     same machinery as test_relationnet.py's, also slow: see there)."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    kill_and_resume(RESUMABLE, unbroken, tmp_path)

@@ -3,15 +3,15 @@
 the per-episode batch-norm statistics at test time, and the CLI (smoke, eval, kill + resume)."""
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_faults import records
 from test_maml import SmoothConv, make_episodes
 
-from conftest import run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms.meta_lstm import LSTMMetaLearner, preprocess
 from fewshot_runner.errors import UserError
 
@@ -184,36 +184,23 @@ def test_bad_settings_are_one_line_errors():
 
 FAST = ["algo=meta_lstm", "debug=smoke", "backbone.hidden=8", "device.threads=1", "algo.inner_steps=3",
         "algo.eval_inner_steps=3", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=meta_lstm debug=smoke` (4 steps, checkpoints at 2 and 4), run once for the tests below."""
-    root = tmp_path_factory.mktemp("meta_lstm")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("meta_lstm"), RESUMABLE)[0]
 
 
 def test_meta_lstm_smoke_train_then_eval(unbroken, tmp_path):
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     gates = [r["train/forget_gate"] for r in rows if "train/forget_gate" in r]
     assert len(gates) == 4 and all(0.9 < g < 1 for g in gates)
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "algo.eval_bn=batch",
-                 "algo.eval_inner_steps=2", "eval.n_episodes=6", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "algo.eval_bn=batch", "algo.eval_inner_steps=2", "eval.n_episodes=6")
 
 
 @pytest.mark.slow  # two more CLI runs (~10 s on idle cores): the default tier's budget is spent by the others
 def test_meta_lstm_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise the same run as an unbroken one."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    kill_and_resume(RESUMABLE, unbroken, tmp_path)

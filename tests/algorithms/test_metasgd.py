@@ -1,13 +1,12 @@
 """Meta-SGD: learned per-weight inner rates through the gradient family's shell, checked in float64."""
 
-import json
 
 import pytest
 import torch
 from test_adaptation import _fd_rel_error
 from test_maml import SmoothConv, make_episodes
 
-from conftest import one_error_line, run_cli
+from conftest import one_error_line, run_cli, smoke_eval, smoke_train
 from fewshot_runner.algorithms.metasgd import MetaSGD, rate_key
 
 
@@ -78,19 +77,13 @@ def test_metasgd_vmap_and_grouped_convolutions_give_the_loop_meta_gradient_and_p
 
 
 def test_metasgd_smoke_train_then_eval_refuses_a_test_time_inner_lr(tmp_path):
-    run = tmp_path / "run"
-    p = run_cli(["train", "algo=metasgd", "debug=smoke", "backbone.hidden=8", "device.threads=1",
-                 "train.val_episodes=4", "eval.n_episodes=6", f"hydra.run.dir={run}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run, _ = smoke_train(tmp_path, ["algo=metasgd", "debug=smoke", "backbone.hidden=8", "device.threads=1",
+                                    "train.val_episodes=4", "eval.n_episodes=6"])
     best = run / "checkpoints" / "best.pt"
     state = torch.load(best, weights_only=True)["model"]
     assert any(k.startswith("inner_lrs.") for k in state)
     assert not torch.equal(state["inner_lrs.1__weight"], torch.full_like(state["inner_lrs.1__weight"], 0.4))  # learned
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={best}", "algo.eval_inner_steps=2", "eval.n_episodes=10", "device=cpu",
-                 f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(run, tmp_path, "algo.eval_inner_steps=2", "eval.n_episodes=10")
     p = run_cli(["eval", f"checkpoint={best}", "algo.inner_lr=0.1", "device=cpu", f"hydra.run.dir={tmp_path / 'x'}"],
                 tmp_path)
     one_error_line(p, "inner_lr")

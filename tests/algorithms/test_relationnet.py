@@ -3,16 +3,16 @@ sigmoid scores and the MSE to one-hot against a hand computation, the loss's flo
 differences, the paper's embedding net (Conv4 pool_blocks=2), one-line refusals, and the CLI (smoke train,
 eval, kill + resume)."""
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_faults import records
 from test_matchingnet import assert_gradient_matches_finite_differences
 from torch import nn
 
-from conftest import run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms.relationnet import RelationNetworks
 from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.episode import Episode
@@ -153,37 +153,24 @@ def test_compiled_relation_network_gives_the_same_scores_and_state_dict_keys():
 
 FAST = ["algo=relationnet", "debug=smoke", "backbone=relation_conv4", "backbone.hidden=8", "algo.map_channels=8",
         "algo.relation_channels=8", "device.threads=1", "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=relationnet debug=smoke backbone=relation_conv4` (4 steps, checkpoints at 2 and 4)."""
-    root = tmp_path_factory.mktemp("relationnet")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("relationnet"), RESUMABLE)[0]
 
 
 def test_relation_smoke_train_then_eval(unbroken, tmp_path):
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(v) and 0 < v < 1 for v in losses)  # MSE of sigmoid scores
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "eval.n_episodes=6", "device=cpu",
-                 "data.n_way=7", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "eval.n_episodes=6", "data.n_way=7")
 
 
 @pytest.mark.slow
 def test_relation_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise equal to the unbroken run (slow: two
     more CLI runs of ~7 s CPU each would take the default tier past its 30 s)."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    kill_and_resume(RESUMABLE, unbroken, tmp_path)

@@ -2,14 +2,14 @@
 outer step size, the grouped fast path, non-transductive scoring, and the CLI (smoke, eval, kill + resume)."""
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_faults import records
 from test_maml import SmoothConv, make_episodes
 
-from conftest import run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms.reptile import Reptile, linear_anneal
 
 
@@ -117,35 +117,22 @@ FAST = ["algo=reptile", "debug=smoke", "backbone.hidden=8", "device.threads=1", 
         "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 
 
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=reptile debug=smoke` (4 steps, checkpoints at 2 and 4), run once for the tests below."""
-    root = tmp_path_factory.mktemp("reptile")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("reptile"), RESUMABLE)[0]
 
 
 def test_reptile_smoke_train_then_eval(unbroken, tmp_path):
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     assert [r["train/outer_step_size"] for r in rows if "train/outer_step_size" in r] == [1.0, 0.75, 0.5, 0.25]
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "algo.transductive=true",
-                 "algo.eval_inner_steps=2", "eval.n_episodes=6", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "algo.transductive=true", "algo.eval_inner_steps=2", "eval.n_episodes=6")
 
 
 def test_reptile_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Its own outer step, its eps schedule and its mini-batch permutations (torch's global generator):
     killed in step 3 (last.pt at 2), resumed with resume=auto, it ends bitwise equal to an unbroken run."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    kill_and_resume(RESUMABLE, unbroken, tmp_path)

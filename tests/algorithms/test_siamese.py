@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from test_faults import records
 from torch import nn
 
-from conftest import run_cli
+from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
 from fewshot_runner.algorithms.siamese import SiameseNetwork, class_scores
 from fewshot_runner.data.transforms import RandomAffine, affine_warp, build_transforms
 from fewshot_runner.episode import Episode, PairBatch
@@ -143,41 +144,28 @@ def test_siamese_config_turns_the_affine_distortions_on(compose_cfg):
 # ----------------------------------------------------------------------------- the CLI
 FAST = ["algo=siamese", "debug=smoke", "backbone.hidden=8", "device.threads=1", "train.meta_batch_size=6",
         "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
-RESUMABLE = [*FAST, "train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
+RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     """`fewshot train algo=siamese debug=smoke` (4 steps of 6 pairs, affine distortions on), run once."""
-    root = tmp_path_factory.mktemp("siamese")
-    p = run_cli(["train", *RESUMABLE, f"hydra.run.dir={root / 'run'}"], root)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return root / "run"
+    return smoke_train(tmp_path_factory.mktemp("siamese"), RESUMABLE)[0]
 
 
 def test_siamese_smoke_train_then_eval(unbroken, tmp_path):
-    rows = [json.loads(ln) for ln in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    rows = records(unbroken)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     config = json.loads(json.dumps(torch.load(unbroken / "checkpoints" / "last.pt", weights_only=True)["config"]))
     assert config["data"]["augment"]["affine"] is True
-    ev = tmp_path / "ev"
-    p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "algo.shot_score=mean",
-                 "eval.n_episodes=6", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 0 <= json.loads((ev / "results.json").read_text())["test/acc"] <= 1
+    smoke_eval(unbroken, tmp_path, "algo.shot_score=mean", "eval.n_episodes=6")
 
 
 @pytest.mark.slow
 def test_siamese_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """The pair source's generator and the affine distortions' global RNG: killed in step 3 (last.pt at 2),
     resumed with resume=auto, the run ends bitwise equal to an unbroken one."""
-    from test_faults import assert_same_run, fewshot, killed, ok, step_of
-
-    run = tmp_path / "run"
-    killed(fewshot([*RESUMABLE, f"hydra.run.dir={run}"], tmp_path, fault="kill@step:3"))
-    assert step_of(run / "checkpoints" / "last.pt") == 2
-    at_2 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]["generator"]
-    ok(fewshot([*RESUMABLE, f"hydra.run.dir={run}", "resume=auto"], tmp_path))
-    assert_same_run(unbroken, run)
+    run, at_kill = kill_and_resume(RESUMABLE, unbroken, tmp_path)
+    at_2 = at_kill["sampler"]["generator"]
     at_4 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]["generator"]
     assert not torch.equal(at_2, at_4)  # the source moved on: its state is what the comparison above checked
