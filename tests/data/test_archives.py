@@ -87,8 +87,9 @@ def test_cub_tgz_builds_the_same_store_as_the_extracted_folder(tmp_path):
     assert got.split_checksum == split_checksum(CUB_NAMES)
     assert got.x_shape == (3, 84, 84) and got.split("train").counts.tolist() == [3, 3]
     assert _tree(tgz_root) == ["CUB_200_2011.tgz"]
-    stores = _tree(tmp_path / "c_tgz")  # the only file written: the store, in the cache dir
-    assert len(stores) == 1 and stores[0].startswith("cub_3x84x84_") and stores[0].endswith(".store")
+    written = _tree(tmp_path / "c_tgz")  # the only files written: the store and the archive's listing, in the cache dir
+    assert len(written) == 2 and written[0].startswith("cub_3x84x84_") and written[0].endswith(".store")
+    assert written[1].startswith("cub_tgz_listing_") and written[1].endswith(".json")
     found = inspect_cub(str(tgz_root), split_dir=split, cache_dir=tmp_path / "c_tgz")
     assert found.layout.form == "CUB_200_2011.tgz, read in place"
     assert found.layout.found == [f"{tgz_root / 'CUB_200_2011.tgz'} (read in place: 6 class folders, 18 images)"]
@@ -113,6 +114,19 @@ def test_mini_imagenet_tar_gz_reads_the_pickles_in_place_equal_to_the_pickles(tm
     assert info.layout.form == f"{archive}, read in place"
     assert info.layout.found == [f"{path} (read in place: " + ", ".join(
         f"{prefix}mini-imagenet-cache-{s}.pkl" for s in ("train", "val", "test")) + ")"]
+
+
+def test_the_tgz_listing_is_remembered_until_the_archive_changes(tmp_path, monkeypatch):
+    from fewshot_runner.data import cub
+
+    tgz = write_cub_tgz(tmp_path / "cub", CUB_ORDER, per_class=1, size=(8, 8))
+    passes = []
+    monkeypatch.setattr(cub, "tar_file_members", lambda p: passes.append(p) or archive.tar_file_members(p))
+    first = cub.listed_images(tmp_path / "cub", tgz, tmp_path / "c")
+    assert cub.listed_images(tmp_path / "cub", tgz, tmp_path / "c") == first and len(passes) == 1
+    assert sorted(first) == sorted(f"CUB_200_2011/images/{c}/{c.split('.')[-1]}_0000.jpg" for c in CUB_ORDER)
+    write_cub_tgz(tmp_path / "cub", CUB_ORDER[:3], per_class=1, size=(8, 8))  # replaced: listed again
+    assert len(cub.listed_images(tmp_path / "cub", tgz, tmp_path / "c")) == 3 and len(passes) == 2
 
 
 def test_tar_decoding_in_a_process_pool_equals_decoding_here_pixel_for_pixel(tmp_path):
@@ -249,8 +263,9 @@ def test_data_prepare_builds_the_cub_store_from_the_tgz_in_the_cache_dir_only(tm
     p = run_cli(["data", "prepare", "data=cub", *args], tmp_path, env_extra=env)
     assert p.returncode == 0, p.stderr
     assert "images (3, 8, 8)" in p.stdout and f"split checksum {split_checksum(CUB_NAMES)}" in p.stdout
-    stores = _tree(tmp_path / "cache")
-    assert len(stores) == 1 and stores[0].startswith("cub_3x8x8_") and stores[0].endswith(".store")
+    written = _tree(tmp_path / "cache")
+    assert len(written) == 2 and written[0].startswith("cub_3x8x8_") and written[0].endswith(".store")
+    assert written[1].startswith("cub_tgz_listing_") and written[1].endswith(".json")
     assert _tree(root) == ["CUB_200_2011.tgz"]
 
 

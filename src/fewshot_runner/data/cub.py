@@ -15,6 +15,7 @@ store read lazily.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,10 +40,34 @@ TGZ = "CUB_200_2011.tgz"
 TGZ_IMAGES = ("CUB_200_2011/images/", "images/")  # where the class folders are in the archive (first match)
 
 
-def tgz_layout(root: Path, tgz: Path, image_size: int, get: str) -> Layout:
-    """The Layout of the class folders inside ``tgz`` (one pass to list it; the images are decoded in one more
-    pass when the store is built): classes and files sorted by name, as the extracted folder's."""
-    members = tar_file_members(tgz)
+def listed_images(root: Path, tgz: Path, cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """The members of ``tgz`` under ``TGZ_IMAGES`` folders, in archive order: one pass through the archive (about
+    10 s of CPU for the 1.1 GB CUB_200_2011.tgz), remembered in ``cub_tgz_listing.json`` beside the image store
+    (``cache.cache_path`` rules), keyed by the archive's path, size and time, so a later start skips the pass."""
+    import json
+
+    from fewshot_runner.data.cache import atomic_write, cache_path
+
+    path, key = cache_path(root, "cub_tgz_listing", cache_dir, suffix=".json"), fingerprint([tgz])
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key and all(isinstance(m, str) for m in saved["members"]):
+            return list(saved["members"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass  # absent, stale or unreadable: list the archive again
+    members = [m for m in tar_file_members(tgz) if m.startswith(TGZ_IMAGES)]
+    try:
+        atomic_write(path, lambda f: f.write(json.dumps({"key": key, "members": members}).encode("utf-8")))
+    except OSError:
+        pass  # only a speed-up
+    return members
+
+
+def tgz_layout(root: Path, tgz: Path, image_size: int, get: str, cache_dir: str | os.PathLike | None = None) -> Layout:
+    """The Layout of the class folders inside ``tgz`` (one pass to list it, or its remembered listing; the images
+    are decoded in one more pass when the store is built): classes and files sorted by name, as the extracted
+    folder's."""
+    members = listed_images(root, tgz, cache_dir)
     for prefix in TGZ_IMAGES:
         files: dict[str, list[str]] = {}
         for m in members:
@@ -70,7 +95,7 @@ def tgz_layout(root: Path, tgz: Path, image_size: int, get: str) -> Layout:
                   (3, image_size, image_size), key, fill, get)
 
 
-def find_layout(root: Path, image_size: int = 84) -> Layout:
+def find_layout(root: Path, image_size: int = 84, cache_dir: str | os.PathLike | None = None) -> Layout:
     get = GET.format(root=root)
     if root.exists() and not root.is_dir():
         raise MissingData(f"{WHAT} root {root} is a file, not a folder: set data.root to the folder holding "
@@ -80,7 +105,7 @@ def find_layout(root: Path, image_size: int = 84) -> Layout:
             return folder_layout(NAME, WHAT, root, images, image_size, 3, get, "CUB_200_2011/images class folders")
     tgz = root / TGZ
     if tgz.is_file():
-        return tgz_layout(root, tgz, image_size, get)
+        return tgz_layout(root, tgz, image_size, get, cache_dir)
     what = "" if root.is_dir() else " (the folder does not exist)"
     raise MissingData(f"no {WHAT} images under {root}{what}: {get}", [],
                       [str(root / "CUB_200_2011" / "images") + "/<class>/*.jpg", f"or {tgz}"], get)
@@ -89,8 +114,8 @@ def find_layout(root: Path, image_size: int = 84) -> Layout:
 def inspect(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
             expect: Expect | None = None, cache_dir: str | os.PathLike | None = None) -> Inspection:
     """What ``CUB`` would read, found and listed (nothing decoded)."""
-    return inspect_published(NAME, WHAT, find_layout, SPLIT_CHECKSUM, EXPECT, root, image_size, split_dir, expect,
-                             cache_dir)
+    return inspect_published(NAME, WHAT, functools.partial(find_layout, cache_dir=cache_dir), SPLIT_CHECKSUM, EXPECT,
+                             root, image_size, split_dir, expect, cache_dir)
 
 
 def CUB(root: str | None = None, image_size: int = 84, *, split_dir: str | os.PathLike | None = None,
