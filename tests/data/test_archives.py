@@ -195,6 +195,15 @@ def test_truncated_corrupt_or_foreign_archives_are_one_line_each(tmp_path):
         with pytest.raises(DataError, match=message + r".*: delete it and download it again$") as e:
             CUB(str(root), split_dir=split, cache_dir=tmp_path / "c")
         assert "\n" not in str(e.value), name
+    # a well-formed archive with one image that is not an image: that member named, at decoding
+    root = tmp_path / "bad_image"
+    root.mkdir()
+    bad = tarfile.TarInfo(f"CUB_200_2011/images/{CUB_ORDER[0]}/zz_broken.jpg")
+    _add_member(tmp_path / "good" / "CUB_200_2011.tgz", root / "CUB_200_2011.tgz", bad, b"not a jpeg")
+    with pytest.raises(DataError, match=rf"cannot decode CUB-200-2011 image .*CUB_200_2011.tgz:{bad.name} "
+                                        rf"\(UnidentifiedImageError: .*\): the data is corrupt, download it again$"):
+        CUB(str(root), split_dir=split, cache_dir=tmp_path / "c_bad")
+    assert [p.name for p in (tmp_path / "c_bad").iterdir() if p.suffix != ".json"] == []  # no torn store left
     # a plain tar cut exactly between two members (no end-of-archive marker) is caught too
     with tarfile.open(tmp_path / "good" / "CUB_200_2011.tgz") as tf:
         plain = io.BytesIO()
