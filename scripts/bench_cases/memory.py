@@ -102,7 +102,7 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 CASES: list = [
-    bench.Case("mann_5w10i_b16", "mann", N_WAY, 1, 9, 16, 2, quick=(1, 5), full=(2, 15), algo="mann"),
+    bench.Case("mann_5w10i_b16", "mann", N_WAY, 1, 9, 16, 2, quick=(1, 5), full=(2, 10), algo="mann"),
 ]
 
 

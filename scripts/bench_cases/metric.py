@@ -269,13 +269,13 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 CASES: list = [
-    bench.Case("matchingnet_5w1s", "matchingnet", 5, 1, 15, 1, 1, quick=(2, 10), full=(3, 30), algo="matchingnet"),
-    bench.Case("matchingnet_fce_5w1s", "matchingnet", 5, 1, 15, 1, 1, quick=(2, 10), full=(3, 30),
+    bench.Case("matchingnet_5w1s", "matchingnet", 5, 1, 15, 1, 1, quick=(2, 10), full=(3, 20), algo="matchingnet"),
+    bench.Case("matchingnet_fce_5w1s", "matchingnet", 5, 1, 15, 1, 1, quick=(2, 10), full=(3, 20),
                algo="matchingnet", overrides=("algo.fce=true",)),
-    bench.Case("relationnet_5w1s_19q", "relationnet", 5, 1, 19, 1, 1, quick=(2, 8), full=(3, 20), algo="relationnet"),
-    bench.Case("siamese_pairs128", "siamese", 5, 1, 15, 128, 8, quick=(2, 10), full=(3, 30), algo="siamese"),
-    bench.Case("baseline_b16", "baseline", 5, 1, 15, 16, 4, quick=(3, 20), full=(5, 60), algo="baseline"),
-    bench.Case("baselinepp_b16", "baselinepp", 5, 1, 15, 16, 4, quick=(3, 20), full=(5, 60), algo="baselinepp"),
+    bench.Case("relationnet_5w1s_19q", "relationnet", 5, 1, 19, 1, 1, quick=(2, 8), full=(2, 12), algo="relationnet"),
+    bench.Case("siamese_pairs128", "siamese", 5, 1, 15, 128, 8, quick=(2, 8), full=(2, 15), algo="siamese"),
+    bench.Case("baseline_b16", "baseline", 5, 1, 15, 16, 4, quick=(3, 20), full=(5, 40), algo="baseline"),
+    bench.Case("baselinepp_b16", "baselinepp", 5, 1, 15, 16, 4, quick=(3, 20), full=(5, 40), algo="baselinepp"),
 ]
 
 
