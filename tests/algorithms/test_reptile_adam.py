@@ -288,13 +288,22 @@ def unbroken(tmp_path_factory):
     return root / "run"
 
 
-def test_reptile_adam_smoke_train_then_eval(unbroken, tmp_path):
+def test_reptile_adam_smoke_train_checkpoints_the_carried_state(unbroken):
     import json
 
     from fewshot_runner.engine import checkpoint as ckpt
 
     model = ckpt.load_checkpoint(unbroken / "checkpoints" / "last.pt")["model"]
     assert int(model["carried.step"]) == 4 * 2 * 5  # steps x meta-batch (smoke: 2) x inner steps
+    assert float(model["carried.v_1_weight"].abs().sum()) > 0
+    assert 0 <= json.loads((unbroken / "results.json").read_text())["test/acc"] <= 1
+
+
+@pytest.mark.slow
+def test_reptile_adam_checkpoint_evaluates(unbroken, tmp_path):
+    """`fewshot eval` of the best checkpoint (its carried state loads with the weights), transductive."""
+    import json
+
     ev = tmp_path / "ev"
     p = run_cli(["eval", f"checkpoint={unbroken / 'checkpoints' / 'best.pt'}", "algo.transductive=true",
                  "eval.n_episodes=6", "device=cpu", f"hydra.run.dir={ev}"], tmp_path)
