@@ -276,9 +276,10 @@ def decode_tar_into(out: "np.ndarray", path: str | os.PathLike, rows: dict[str, 
         out[got] = images
         advance(len(got))
 
-    def collect(advance, block: bool) -> None:
+    def collect(advance) -> None:
+        """Store the results of the pending chunks that are done (at least one)."""
         nonlocal pool
-        done, _ = wait(list(pending), return_when=FIRST_COMPLETED) if block else (list(pending), None)
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in done:
             job = pending.pop(fut)
             try:
@@ -300,7 +301,7 @@ def decode_tar_into(out: "np.ndarray", path: str | os.PathLike, rows: dict[str, 
                     return
                 pending[pool.submit(_decode_chunk, job)] = job
                 while len(pending) >= 2 * workers:
-                    collect(advance, block=True)
+                    collect(advance)
 
             batch: list[tuple[int, str, bytes]] = []
             for name, data in iter_tar_members(path, rows):
@@ -313,7 +314,7 @@ def decode_tar_into(out: "np.ndarray", path: str | os.PathLike, rows: dict[str, 
             if batch:
                 submit(batch)
             while pending:
-                collect(advance, block=True)
+                collect(advance)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
