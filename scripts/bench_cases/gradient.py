@@ -8,12 +8,13 @@ written here, the usual way, on the same weights (generated here) and the same t
 (``bench.make_episodes``), with the same training progress (the schedules' inputs):
 
 * ``reptile``: the paper's Omniglot shape (conf/paper/reptile_omniglot.yaml: 10 images per class in a
-  training task, 5 inner SGD steps on batches of 10, meta-batch 5) on its strided Conv4, and the same at
-  meta-batch 32.  Reference: the paper's code structure: per task, the weights copied into one net, 5
-  ``torch.optim.SGD`` steps on mini-batches that walk a random order of the task's 50 images, then
-  theta += eps * mean(phi - theta), eps annealed from 1 to 0 (at step ``PROGRESS[0]`` of ``PROGRESS[1]``:
-  0.75).  The check compares the UPDATE theta' - theta of one outer step (both sides draw the mini-batch
-  orders from the global generator seeded alike).
+  training task, 5 inner steps on batches of 10, meta-batch 5) on its strided Conv4, with the algo config's
+  SGD (0.1), the same at meta-batch 32, and with the paper's inner optimizer (Adam 1e-3, beta1 0, its state
+  carried from task to task and step to step).  Reference: the paper's code structure: one inner optimizer
+  over one net, made once; per task the weights copied into the net, 5 optimizer steps on mini-batches that
+  walk a random order of the task's 50 images, then theta += eps * mean(phi - theta), eps annealed from 1 to
+  0 (at step ``PROGRESS[0]`` of ``PROGRESS[1]``: 0.75).  The check compares the UPDATE theta' - theta of one
+  outer step (both sides draw the mini-batch orders from the global generator seeded alike).
 * ``mamlpp``: 5-way 1-shot, the paper's Omniglot training shape (1 query per class, meta-batch 8), its
   defaults (5 steps, multi-step loss, learned per-layer per-step rates, per-step batch-norm weights and
   running statistics) with second order from the first step (``algo.first_order_until=0``: with the
@@ -26,8 +27,10 @@ written here, the usual way, on the same weights (generated here) and the same t
   Reference: the structure of the paper's code (and its PyTorch ports): a learner module into which the
   flat cell state is copied (no graph) for each update, its loss and ``.grad`` by ``backward``, both
   preprocessed (Andrychowicz et al., p = 10), an ``nn.LSTMCell(4, 20)``, and the meta cell
-  c_t = sigmoid(f) * c_{t-1} - sigmoid(i) * grad with f, i from [h, c_{t-1}, gate_{t-1}]; the query loss
-  of the learner holding the final c (views, with the graph); gradient clipping at 0.25 as the config.
+  c_t = f_t * c_{t-1} - i_t * grad, f_t = sigmoid([h, c_{t-1}, f_{t-1}] W_F + b_F) (i_t alike); the query
+  loss of the learner holding the final c (views, with the graph); gradient clipping at 0.25 as the config.
+  Where a PyTorch port departs from the paper's equations the reference follows the paper (and the package):
+  the previous gate VALUE f_{t-1} (a port feeds its pre-activation), log|x| without a 1e-8 added.
 
 Checks: as bench.gradient_check (the meta-gradient, Reptile's update), on the smooth twin when the package
 runs unfused (``fused_ops=off``), else the real ReLU / max-pool net; the first task of the batch with
