@@ -80,8 +80,9 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
     """Run the real `fewshot` CLI in a subprocess (python -m fewshot_runner.cli).
 
     The launcher's allocator variables (``cli.ALLOCATOR_ENV``) are set unless already set or ``reexec``, so the
-    process starts one interpreter instead of re-executing itself into a second (a second or two of every CLI
-    test on a loaded core); tests/test_cli.py's console-script test runs the real re-exec path."""
+    process starts one interpreter instead of re-executing itself into a second (about 0.35 s of CPU a run here;
+    `make test` exports them already, a bare pytest did not); tests/test_cli.py's console-script test runs the
+    real re-exec path."""
     env = dict(os.environ)
     env.setdefault("FEWSHOT_DATA", str(real_data_root() or cwd / "no-data"))
     env.pop("COMET_API_KEY", None)  # never log tests with the developer's Comet key
@@ -107,7 +108,8 @@ def one_error_line(p: subprocess.CompletedProcess, *fragments: str) -> str:
 # The issue's check of every learner, through the real CLI in subprocesses: `fewshot train algo=NAME debug=smoke`,
 # `fewshot eval` of its best.pt, and a run killed between checkpoints that `resume=auto` ends bitwise equal to the
 # unbroken one. Each tests/algorithms/test_NAME.py adds its own assertions on what these return.
-# 4 steps, last.pt at 2 and 4, validation at 2 and 4, a log record each step: what kill_and_resume's kill in step 3 needs
+
+# 4 steps, last.pt at 2 and 4, validation at 2 and 4, a log record a step: what kill_and_resume's kill in step 3 needs
 RESUMABLE_STEPS = ["train.steps=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"]
 
 
@@ -132,9 +134,9 @@ def smoke_eval(run: Path, cwd: Path, *overrides: str) -> dict:
 
 
 def kill_and_resume(args: list[str], unbroken: Path, cwd: Path) -> tuple[Path, dict]:
-    """`fewshot train ARGS` (with RESUMABLE_STEPS) killed (SIGKILL) in step 3 with last.pt at step 2, then resumed with resume=auto: it ends
-    bitwise equal to the UNBROKEN run of the same ARGS (test_faults.assert_same_run). Returns the run folder and
-    last.pt as the kill left it (torch.load)."""
+    """`fewshot train ARGS` (ARGS hold RESUMABLE_STEPS) killed (SIGKILL) in step 3 with last.pt at step 2, then
+    resumed with resume=auto: it ends bitwise equal to the UNBROKEN run of the same ARGS (test_faults.assert_same_run).
+    Returns the run folder and last.pt as the kill left it (torch.load)."""
     import torch
     from test_faults import assert_same_run, fewshot, killed, ok, step_of
 
