@@ -36,7 +36,7 @@ def test_help_is_fast_and_lists_commands(cli):
 
 def test_smoke_train_then_eval(cli, tmp_path):
     run = tmp_path / "run"
-    p = cli("train", "debug=smoke", "algo=protonet", f"hydra.run.dir={run}")
+    p = cli("train", "debug=smoke", "algo=protonet", "eval.pictures=true", f"hydra.run.dir={run}")
     assert p.returncode == 0, p.stderr
     for f in ("metrics.jsonl", "results.json", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt", "curves.png"):
         assert (run / f).exists(), f

@@ -84,7 +84,8 @@ class EvalConfig:
     split: str = "test"  # train | val | test: the classes to test on
     seed: int = 2024  # fixes the validation/test episodes
     chunk: int = 50  # episodes per forward at most (speed and memory only: the episodes depend on seed alone)
-    # the pictures of the test (episode.png, embedding.png; regression.png) in the run dir and the logger
+    # the pictures at the end (curves.png of training; episode.png, embedding.png or regression.png of the test)
+    # in the run dir and the logger
     pictures: bool = True
 
 

@@ -198,10 +198,10 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
         "data/split_checksum": getattr(test_split, "split_checksum", None),
     }
     run.logger.log_metrics({f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], **measures}, run.step)
-    curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
-    if curves:
-        run.logger.log_image(curves, "curves")
     if cfg.eval.pictures:
+        curves = save_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        if curves:
+            run.logger.log_image(curves, "curves")
         save_pictures(algo, test_split, ev, run.runtime, run.eval_transform, run.run_dir, cfg.eval.seed + 1,
                       run.logger)
     write_json(run.run_dir / "results.json", results)
