@@ -103,6 +103,9 @@ WORKLOADS: dict[str, Workload] = {
 
 CASES: list = [
     bench.Case("mann_5w10i_b16", "mann", N_WAY, 1, 9, 16, 2, quick=(1, 5), full=(2, 10), algo="mann"),
+    # device.compile=true: one time step torch.compiled (its ~25 s compile falls in the two warm-up steps)
+    bench.Case("mann_5w10i_b16_compiled", "mann", N_WAY, 1, 9, 16, 2, quick=(2, 5), full=(2, 10), algo="mann",
+               overrides=("device.compile=true",)),
 ]
 
 
@@ -120,4 +123,7 @@ def check(case, tiny: bool) -> dict:
 
 def describe(case) -> tuple[str, str]:
     work = WORKLOADS[case.workload]
+    if "device.compile=true" in case.overrides:
+        return ("package mann via compose_learner + SequenceSource + gradient_outer_step, device.compile=true "
+                "(each time step torch.compiled)"), work.reference_text
     return work.fast_path, work.reference_text

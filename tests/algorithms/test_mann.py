@@ -249,3 +249,27 @@ def test_mann_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Its sequence source (the sampler's generator and its own order generator): killed in step 3 (last.pt
     at 2), resumed with resume=auto, the run ends bitwise equal to an unbroken one."""
     kill_and_resume(RESUMABLE, unbroken, tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_mann_gives_the_same_loss_gradients_and_state_dict_keys_in_float64():
+    """device.compile=true: torch.compile of one time step (about 25 s to compile on a CPU); the fused
+    step computes the same function (float64, to rounding) and the checkpoint keys stay."""
+    from fewshot_runner.algorithms.mann import sequence_inputs
+
+    a, b = tiny_mann(seed=3), tiny_mann(seed=4)
+    b.load_state_dict(a.state_dict())
+    b.compile_for_speed()
+    assert list(a.state_dict()) == list(b.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 12, 1, 2, 2, generator=g, dtype=D)
+    y = torch.randint(0, 3, (3, 12), generator=g)
+    losses = []
+    for m in (a, b):
+        logits = m.run(sequence_inputs(m.encode(x), y, m.n_way))[0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    assert abs(float(losses[0] - losses[1])) <= 1e-12 * abs(float(losses[0]))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert pa.grad is not None and float((pa.grad - pb.grad).norm()) <= 1e-10 * float(pa.grad.norm()) + 1e-14, name

@@ -161,6 +161,14 @@ class MANN(MetaLearner):
         self.gate = nn.Linear(controller_size, read_heads)
         self.out = nn.Linear(controller_size + read_dim, n_way)
 
+    supports_compile = True
+
+    def compile_for_speed(self) -> None:
+        """``device.compile=true``: ``torch.compile`` one time step (``step``; the state-dict keys are
+        unchanged). The recurrence is 50 steps of small ops, bound by per-op overhead; the compiled step
+        fuses them (docs/speed.md). About 25 s of compiling at the first step (and per new batch shape)."""
+        self.step = torch.compile(self.step)
+
     # ------------------------------------------------------------------ the recurrence
     def initial_state(self, batch: int, like: torch.Tensor) -> MemoryState:
         """Zeros everywhere (memory, usage, read weights and vectors, controller); the least-used weights of
