@@ -96,8 +96,8 @@ def sequence_source(case, split):
 
 WORKLOADS: dict[str, Workload] = {
     "mann": Workload("mann", "flat", mann_spec, sequence_source, mann_reference,
-                     "package mann via compose_learner + SequenceSource + gradient_outer_step (no fast path: a "
-                     "recurrence of 50 steps)", "plain MANN nn.Module as the paper's section 3 (LSTMCell, "
+                     "package mann via compose_learner + SequenceSource + gradient_outer_step (a recurrence of "
+                     "50 steps)", "plain MANN nn.Module as the paper's section 3 (LSTMCell, "
                      "per-step memory ops over the batch), fp32, Adam, clip 10", image_size=IMAGE, grad_clip=10.0),
 }
 
@@ -109,21 +109,4 @@ CASES: list = [
 ]
 
 
-def reference_step(case, device, tiny: bool):
-    return common.reference_step(case, WORKLOADS[case.workload], device, tiny)
-
-
-def fast_step(case, device_type: str, threads: int, fused: str, precision: str, tiny: bool):
-    return common.fast_step(case, WORKLOADS[case.workload], device_type, threads, fused, precision, tiny)
-
-
-def check(case, tiny: bool) -> dict:
-    return common.check(case, WORKLOADS[case.workload], tiny)
-
-
-def describe(case) -> tuple[str, str]:
-    work = WORKLOADS[case.workload]
-    if "device.compile=true" in case.overrides:
-        return ("package mann via compose_learner + SequenceSource + gradient_outer_step, device.compile=true "
-                "(each time step torch.compiled)"), work.reference_text
-    return work.fast_path, work.reference_text
+reference_step, fast_step, check, describe = common.plugin_functions(WORKLOADS)

@@ -279,18 +279,4 @@ CASES: list = [
 ]
 
 
-def reference_step(case, device, tiny: bool):
-    return common.reference_step(case, WORKLOADS[case.workload], device, tiny)
-
-
-def fast_step(case, device_type: str, threads: int, fused: str, precision: str, tiny: bool):
-    return common.fast_step(case, WORKLOADS[case.workload], device_type, threads, fused, precision, tiny)
-
-
-def check(case, tiny: bool) -> dict:
-    return common.check(case, WORKLOADS[case.workload], tiny)
-
-
-def describe(case) -> tuple[str, str]:
-    work = WORKLOADS[case.workload]
-    return work.fast_path + (f" ({', '.join(case.overrides)})" if case.overrides else ""), work.reference_text
+reference_step, fast_step, check, describe = common.plugin_functions(WORKLOADS)

@@ -299,3 +299,23 @@ def check(case, work: Workload, tiny: bool) -> dict:
         "check_note": "loss and gradients of the first step; the package's batch from its batch_source "
                       + ("equals" if matches else "DIFFERS FROM") + " the reference's",
     }
+
+
+def plugin_functions(workloads: dict):
+    """The four functions of a family module (bench_cases/__init__.py) over its ``workloads``:
+    ``reference_step, fast_step, check, describe = plugin_functions(WORKLOADS)``."""
+
+    def reference_step_of(case, device, tiny: bool):
+        return reference_step(case, workloads[case.workload], device, tiny)
+
+    def fast_step_of(case, device_type: str, threads: int, fused: str, precision: str, tiny: bool):
+        return fast_step(case, workloads[case.workload], device_type, threads, fused, precision, tiny)
+
+    def check_of(case, tiny: bool) -> dict:
+        return check(case, workloads[case.workload], tiny)
+
+    def describe(case) -> tuple[str, str]:
+        work = workloads[case.workload]
+        return work.fast_path + (f" ({', '.join(case.overrides)})" if case.overrides else ""), work.reference_text
+
+    return reference_step_of, fast_step_of, check_of, describe
