@@ -68,6 +68,10 @@ CASES: list = [
          algo="mamlpp"),
     Case("meta_lstm_5w1s_12step", "meta_lstm", 5, 1, 15, 1, 1, quick=(1, 3), full=(2, 10), inner_steps=12,
          algo="meta_lstm"),
+    # device.compile=true: the meta-learner's step (layer 1 + the cell over every coordinate) compiled; its
+    # compile falls in the two warm-up steps
+    Case("meta_lstm_5w1s_12step_compiled", "meta_lstm", 5, 1, 15, 1, 1, quick=(2, 3), full=(2, 10),
+         inner_steps=12, algo="meta_lstm", overrides=("device.compile=true",)),
 ]
 
 PROGRESS = {"reptile": (500, 2000), "mamlpp": (50, 2000), "meta_lstm": (0, 2000)}  # set_progress(step, total)

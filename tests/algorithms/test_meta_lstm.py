@@ -204,3 +204,20 @@ def test_meta_lstm_smoke_train_then_eval(unbroken, tmp_path):
 def test_meta_lstm_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     """Killed in step 3 (last.pt at 2), resumed with resume=auto: bitwise the same run as an unbroken one."""
     kill_and_resume(RESUMABLE, unbroken, tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_meta_learner_step_gives_the_same_loss_and_meta_gradient_in_float64():
+    """device.compile=true: torch.compile of ``update`` (layer 1 + the cell over every coordinate); the same
+    loss and meta-gradient to rounding (float64), the same state-dict keys."""
+    a, b = make_learner(seed=0), make_learner(seed=1)
+    b.load_state_dict(a.state_dict())
+    b.compile_for_speed()
+    assert list(a.state_dict()) == list(b.state_dict())
+    episodes = make_episodes(n_tasks=2)
+    (la, _), (lb, _) = a.meta_loss(episodes), b.meta_loss(episodes)
+    la.backward()
+    lb.backward()
+    assert abs(float(la - lb)) <= 1e-12 * abs(float(la))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert float((pa.grad - pb.grad).norm()) <= 1e-10 * float(pa.grad.norm()) + 1e-14, name

@@ -169,7 +169,6 @@ class LSTMMetaLearner(MetaLearner):
         forwards use batch statistics and update ``buffers`` (the episode's running averages) in place.
         """
         theta = torch.cat([p.reshape(-1) for p in self.initial_params().values()])
-        n = theta.numel()
         state = None
         f = torch.zeros_like(theta)
         i = torch.zeros_like(theta)
@@ -178,11 +177,26 @@ class LSTMMetaLearner(MetaLearner):
             with torch.enable_grad(), self.batch_stats(True):
                 loss = cross_entropy(self.learner_out(leaf, buffers, support_x), support_y)
                 (grad,) = torch.autograd.grad(loss, leaf)
-            x = torch.cat([preprocess(loss.detach(), self.preprocess_p).expand(n, 2),
-                           preprocess(grad, self.preprocess_p)], 1)  # (N, 4), no graph
-            state = self.lstm(x, state)
-            theta, f, i = self.cell(state[0], theta, grad, f, i)
+            state, theta, f, i = self.update(loss.detach(), grad, state, theta, f, i)
         return theta, {"forget_gate": f.detach().mean(), "input_gate": i.detach().mean()}
+
+    def update(self, loss: torch.Tensor, grad: torch.Tensor, state, theta: torch.Tensor, f: torch.Tensor,
+               i: torch.Tensor):
+        """One meta-learner step: the preprocessed (loss, gradient) (no graph) through layer 1 (state: its
+        (h, c), None at the first step), then the cell update of theta (N,); returns (state, theta, f, i)."""
+        n = theta.numel()
+        x = torch.cat([preprocess(loss, self.preprocess_p).expand(n, 2), preprocess(grad, self.preprocess_p)], 1)
+        state = self.lstm(x, state)  # (N, 4) -> (h, c) (N, hidden_size)
+        theta, f, i = self.cell(state[0], theta, grad, f, i)
+        return state, theta, f, i
+
+    supports_compile = True
+
+    def compile_for_speed(self) -> None:
+        """``device.compile=true``: ``torch.compile`` the meta-learner's step (``update``: layer 1 and the
+        cell over every learner coordinate, elementwise work on (N, hidden_size) tensors); the learner's
+        own forward stays eager.  State-dict keys unchanged."""
+        self.update = torch.compile(self.update)
 
     # ------------------------------------------------------------------ the interface
     def meta_loss(self, episodes: Episode):
