@@ -342,7 +342,9 @@ def test_a_captured_training_step_is_captured_again_when_the_schedules_change_it
 
 # ----------------------------------------------------------------------------- the CLI
 RESUMABLE = ["algo=mamlpp", "debug=smoke", "backbone.hidden=8", "device.threads=1", "algo.inner_steps=2",
-             "algo.eval_inner_steps=2", "algo.msl_steps=3", "algo.first_order_until=2", *RESUMABLE_STEPS,
+             "algo.eval_inner_steps=2", "algo.msl_steps=3", "algo.first_order_until=2",
+             "algo.per_step_bn_stats=true",  # (off by default: the paper's BNRS, checkpointed and resumed here)
+             *RESUMABLE_STEPS,
              "train.val_episodes=4", "eval.n_episodes=6", "eval.chunk=3"]
 
 

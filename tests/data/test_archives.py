@@ -20,6 +20,7 @@ from fewshot_runner.data import archive
 from fewshot_runner.data.cifar import CIFAR_FS, FC100
 from fewshot_runner.data.cub import CUB
 from fewshot_runner.data.cub import inspect as inspect_cub
+from fewshot_runner.data.decode import decode_tar_into
 from fewshot_runner.data.miniimagenet import MiniImageNet
 from fewshot_runner.data.published import decoder, split_checksum
 from fewshot_runner.errors import DataError
@@ -144,7 +145,7 @@ def test_tar_decoding_in_a_process_pool_equals_decoding_here_pixel_for_pixel(tmp
     want = images.transpose(0, 3, 1, 2)  # PNG is lossless: decoding gives back the pixels, channels first
     for workers in (1, 2):
         out = np.zeros((11, 3, 6, 6), dtype=np.uint8)
-        archive.decode_tar_into(out, path, rows, decoder(6, 3), "test", "decoding", workers=workers, chunk=3,
+        decode_tar_into(out, path, rows, decoder(6, 3), "test", "decoding", workers=workers, chunk=3,
                                 pool_min=1)
         assert np.array_equal(out, want), workers
 

@@ -18,21 +18,21 @@ No torch here.
 
 from __future__ import annotations
 
+import io
 import lzma
 import os
+import pickle
 import re
 import tarfile
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Container, Iterator
+from typing import Container, Iterator
 
 from fewshot_runner.data.root import one_line
 from fewshot_runner.errors import DataError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -203,121 +203,31 @@ def read_tar_members(path: str | os.PathLike, names: Container[str]) -> dict[str
 
 
 def unpickle_member(data: bytes, where: str, what: str, fix: str):
-    """A pickled archive member's bytes rebuilt by ``published.load_pickle``'s restricted unpickler (builtin
+    """A pickled archive member's bytes rebuilt by :class:`RestrictedUnpickler` (as ``published.load_pickle``) (builtin
     containers, strings, numbers, numpy arrays; Python 2 pickles read as latin-1); anything else is its one-line
     DataError: "<where> is not <what> (<why>): <fix>"."""
-    import io
-
-    from fewshot_runner.data.published import _RestrictedUnpickler
-
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except Exception as e:  # noqa: BLE001 - a torn or foreign pickle fails in many ways; all one message
         raise DataError(f"{where} is not {what} ({type(e).__name__}: {one_line(e)[:200]}): {fix}") from None
 
 
-def _decode_chunk(job: tuple[Callable[[bytes], "np.ndarray"], tuple[int, ...], list[tuple[int, str, bytes]]]):
-    """Decode one chunk of (row, member, bytes): (rows, images, None) or (None, None, one-line error)."""
-    import numpy as np
-
-    decode, item_shape, items = job
-    out = np.empty((len(items), *item_shape), dtype=np.uint8)
-    for i, (_, member, data) in enumerate(items):
-        try:
-            out[i] = decode(data)
-        except Exception as e:  # noqa: BLE001 - reported to the parent as a DataError
-            return None, None, f"{member} ({type(e).__name__}: {one_line(e)})"
-    return [row for row, _, _ in items], out, None
+# ----------------------------------------------------------------------------- safe unpickling
+_ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+            ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
+            ("_codecs", "encode")}  # (_codecs.encode: how a protocol-2 pickle writes bytes)
+_BUILTINS = {"set", "frozenset", "bytearray", "complex", "slice", "range"}
 
 
-def decode_tar_into(out: "np.ndarray", path: str | os.PathLike, rows: dict[str, int],
-                    decode: Callable[[bytes], "np.ndarray"], what: str, description: str, *,
-                    workers: int | None = None, chunk: int = 100, pool_min: int | None = None) -> None:
-    """Decode the tar members ``rows`` names into those rows of ``out`` (uint8 (n, *item_shape)), in one
-    pass through the archive, with a progress bar: ``out[rows[m]] = decode(bytes of m)``.
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds builtin containers, str, bytes, numbers and numpy arrays (and their dtypes); nothing else."""
 
-    The bytes are read here, in archive order, and decoded in chunks by a forked process pool (as
-    ``data.decode.decode_files``: from ``pool_min`` (default ``POOL_MIN_FILES``) members on, Linux, 2+ CPUs;
-    otherwise, or when
-    the pool breaks, here), at most two chunks per worker in flight, so memory stays bounded. Each image
-    is decoded by itself, so the result is the same for any number of workers. A member that does not
-    decode, or one ``rows`` names that the archive lacks, is a one-line DataError.
-    """
-    import multiprocessing
-    import sys
-    import warnings
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    from fewshot_runner.data.decode import POOL_MIN_FILES, default_workers
-    from fewshot_runner.data.published import progress
-
-    path = os.fspath(path)
-    workers = default_workers() if workers is None else max(1, int(workers))
-    pool = None
-    pool_min = POOL_MIN_FILES if pool_min is None else pool_min
-    if workers > 1 and len(rows) >= pool_min and sys.platform.startswith("linux"):
-        try:
+    def find_class(self, module: str, name: str):
+        if module.startswith("numpy.core."):  # numpy 1.x's module names (numpy 2 has them under numpy._core)
+            module = "numpy._core." + module[len("numpy.core."):]
+        if (module, name) in _ALLOWED or (module in ("builtins", "__builtin__") and name in _BUILTINS):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # (forking a threaded process: see decode.py)
-                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-                pool.submit(int).result()  # forks every worker now, before the progress bar's thread starts
-        except (OSError, ValueError, RuntimeError, BrokenProcessPool) as e:
-            warnings.warn(f"{what}: no process pool ({type(e).__name__}: {one_line(e)}); decoding in this process",
-                          stacklevel=2)
-            pool = None
-    pending: dict = {}
-    found = 0
-
-    def put(result, advance) -> None:
-        got, images, err = result
-        if err is not None:
-            raise DataError(f"cannot decode {what} image {path}:{err}: the data is corrupt, download it again")
-        out[got] = images
-        advance(len(got))
-
-    def collect(advance) -> None:
-        """Store the results of the pending chunks that are done (at least one)."""
-        nonlocal pool
-        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-        for fut in done:
-            job = pending.pop(fut)
-            try:
-                result = fut.result()
-            except (BrokenProcessPool, OSError, EOFError) as e:
-                if pool is not None:
-                    warnings.warn(f"{what}: parallel decoding failed ({type(e).__name__}: {one_line(e)}); "
-                                  f"decoding the rest in this process", stacklevel=4)
-                    pool = None
-                result = _decode_chunk(job)
-            put(result, advance)
-
-    try:
-        with progress(len(rows), description) as advance:
-            def submit(batch: list[tuple[int, str, bytes]]) -> None:
-                job = (decode, tuple(out.shape[1:]), batch)
-                if pool is None:
-                    put(_decode_chunk(job), advance)
-                    return
-                pending[pool.submit(_decode_chunk, job)] = job
-                while len(pending) >= 2 * workers:
-                    collect(advance)
-
-            batch: list[tuple[int, str, bytes]] = []
-            for name, data in iter_tar_members(path, rows):
-                if data is not None:
-                    found += 1
-                    batch.append((rows[name], name, data))
-                    if len(batch) >= chunk:
-                        submit(batch)
-                        batch = []
-            if batch:
-                submit(batch)
-            while pending:
-                collect(advance)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    if found != len(rows):
-        raise DataError(f"{path} changed while it was read ({len(rows) - found} of {len(rows)} listed images are no "
-                        f"longer in it): run again")
+                warnings.simplefilter("ignore")
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it holds a {module}.{name} object, which this layout never has; "
+                                     f"refused without running it")

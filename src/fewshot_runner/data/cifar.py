@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 from fewshot_runner.data.archive import read_tar_members, unpickle_member
 from fewshot_runner.data.published import (Expect, Inspection, Layout, MissingData, as_str, check_image_size,
-                                           fingerprint, get_key, load_pickle, load_split, progress)
+                                           fingerprint, get_key, load_pickle, load_split)
+from fewshot_runner.data.decode import progress
 from fewshot_runner.data.root import resolve_root
 from fewshot_runner.errors import DataError
 

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fewshot_runner.data.archive import decode_tar_into, tar_file_members
+from fewshot_runner.data.archive import tar_file_members
+from fewshot_runner.data.decode import decode_tar_into
 from fewshot_runner.data.image_folder import EXTENSIONS, folder_layout
 from fewshot_runner.data.published import (Expect, Inspection, Layout, MissingData, decoder, fingerprint,
                                            inspect_published)

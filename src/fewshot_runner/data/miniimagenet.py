@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 from fewshot_runner.data.archive import Source, iter_tar_members, unpickle_member
 from fewshot_runner.data.published import (SPLITS, as_str, decode_files_into, Expect, fingerprint, get_key,
                                            hwc_to_chw, inspect_published, Inspection, Layout, load_pickle,
-                                           MissingData, progress)
+                                           MissingData)
+from fewshot_runner.data.decode import progress
 from fewshot_runner.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover

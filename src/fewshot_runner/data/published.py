@@ -21,19 +21,16 @@ No torch at import time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
 import os
-import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from fewshot_runner.data import cache as _cache
-from fewshot_runner.data.archive import Source
+from fewshot_runner.data.archive import RestrictedUnpickler, Source
 from fewshot_runner.data.class_splits import load_split_files, packaged_split_dir
 from fewshot_runner.data.checksum import split_checksum
 from fewshot_runner.data.root import one_line, resolve_root
@@ -205,27 +202,7 @@ class Inspection:
         return EpisodicDataset(self.layout.name, build_splits(self.layout, self.names, self.expect, self.cache_dir))
 
 
-# ----------------------------------------------------------------------------- safe unpickling
-_ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-            ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
-            ("_codecs", "encode")}  # (_codecs.encode: how a protocol-2 pickle writes bytes)
-_BUILTINS = {"set", "frozenset", "bytearray", "complex", "slice", "range"}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds builtin containers, str, bytes, numbers and numpy arrays (and their dtypes); nothing else."""
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("numpy.core."):  # numpy 1.x's module names (numpy 2 has them under numpy._core)
-            module = "numpy._core." + module[len("numpy.core."):]
-        if (module, name) in _ALLOWED or (module in ("builtins", "__builtin__") and name in _BUILTINS):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it holds a {module}.{name} object, which this layout never has; "
-                                     f"refused without running it")
-
-
+# ----------------------------------------------------------------------------- safe unpickling (archive.RestrictedUnpickler)
 def load_pickle(path: str | os.PathLike, what: str, fix: str):
     """The object pickled in ``path``, rebuilt by the restricted unpickler (Python 2 pickles read as latin-1).
 
@@ -234,7 +211,7 @@ def load_pickle(path: str | os.PathLike, what: str, fix: str):
     """
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(f, encoding="latin1").load()
+            return RestrictedUnpickler(f, encoding="latin1").load()
     except OSError as e:
         raise DataError(f"cannot read {path} ({one_line(e)}): {fix}") from None
     except Exception as e:  # noqa: BLE001 - a torn or foreign pickle fails in many ways; all one message
@@ -303,18 +280,6 @@ def hwc_to_chw(images: "np.ndarray", image_size: int) -> "np.ndarray":
         small = Image.fromarray(np.ascontiguousarray(im)).resize((image_size, image_size), Image.Resampling.BILINEAR)
         out[i] = np.asarray(small, dtype=np.uint8).transpose(2, 0, 1)
     return out
-
-
-@contextlib.contextmanager
-def progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (from 1,000 items on); yields ``advance(n)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False, disable=total < 1000) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def decode_files_into(out: "np.ndarray", files: list[tuple[Source, str]], what: str, image_size: int,

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_runner.data.published import (SPLITS, as_str, Expect, fingerprint, get_key, hwc_to_chw,
-                                           inspect_published, Inspection, Layout, load_pickle, MissingData, progress)
+                                           inspect_published, Inspection, Layout, load_pickle, MissingData)
+from fewshot_runner.data.decode import progress
 from fewshot_runner.data.root import one_line
 from fewshot_runner.errors import DataError
 
