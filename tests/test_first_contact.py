@@ -76,13 +76,16 @@ def test_the_headline_command_trains_the_maml_papers_omniglot_setup(compose_cfg,
 @pytest.mark.parametrize("algo", ["metasgd", "anil", "reptile"])
 def test_the_maml_family_gets_its_papers_strided_omniglot_net(compose_cfg, algo):
     """Meta-SGD, ANIL and Reptile use MAML's Omniglot net in their papers: `algo=X data=omniglot` builds it
-    (backbone=auto), any other backbone keeps its own; Reptile trains on 10 images per class (its "train shots")."""
+    (backbone=auto), any other backbone keeps its own; Reptile trains on 10 images per class (its "train shots"),
+    Meta-SGD and ANIL on MAML's 1 + 1, for MAML's 2,000 steps."""
     cfg = compose_cfg([f"algo={algo}", "data=omniglot"])
     assert cfg.backbone.pool is False
     assert compose_cfg([f"algo={algo}", "data=omniglot", "backbone=conv4"]).backbone.pool is True
     assert compose_cfg([f"algo={algo}", "data=synthetic"]).backbone.pool is True
     shots = cfg.data.n_shot + (cfg.data.train_n_query if cfg.data.train_n_query is not None else cfg.data.n_query)
-    assert shots == (10 if algo == "reptile" else 16)
+    assert shots == (10 if algo == "reptile" else 2)
+    if algo != "reptile":
+        assert cfg.train.steps == 2000 and cfg.train.meta_batch_size == 32
 
 
 def test_command_line_and_presets_still_win_over_the_paper_setup(compose_cfg):

@@ -26,15 +26,16 @@ def fixed_episode():
     return Episode(xs, ys, xq, yq, 2)
 
 
-def test_matching_scores_are_the_cosine_attention_label_sum_by_hand():
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_matching_scores_are_the_cosine_attention_label_sum_by_hand(scale):
     ep = fixed_episode()
-    net = MatchingNetworks(nn.Identity(), n_way=2, feature_dim=3)
+    net = MatchingNetworks(nn.Identity(), n_way=2, feature_dim=3, scale=scale)
     logits = net.predict(ep)[0]
     loss, metrics = net.meta_loss(ep)
     nll = []
     for q in range(3):
         x = ep.query_x[0, q]
-        cos = [float(x @ s / (x.norm() * s.norm())) for s in ep.support_x[0]]
+        cos = [scale * float(x @ s / (x.norm() * s.norm())) for s in ep.support_x[0]]
         attention = [math.exp(c) / sum(math.exp(d) for d in cos) for c in cos]
         for k in range(2):
             p = sum(a for a, y in zip(attention, ep.support_y[0].tolist()) if y == k)
@@ -43,6 +44,19 @@ def test_matching_scores_are_the_cosine_attention_label_sum_by_hand():
     assert loss.item() == pytest.approx(sum(nll) / 3, rel=1e-12)
     assert metrics["acc"].item() == pytest.approx(1.0)  # each query is closest to its own class here
     assert logits.exp().sum(-1).tolist() == pytest.approx([1.0] * 3, rel=1e-12)  # a distribution over the classes
+
+
+def test_matching_sharp_attention_stays_finite_and_a_bad_scale_is_one_line():
+    """A large scale puts exp(-2 * scale) ~ 1e-87 on a far class: computed in log space, its log-probability is
+    finite (-2 * scale, not log 0 = -inf), and the loss stays finite."""
+    ep = Episode(torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]], dtype=torch.float64).transpose(0, 1),
+                 torch.tensor([[0, 1]]), torch.tensor([[[1.0, 0.0]]], dtype=torch.float64), torch.tensor([[0]]), 2)
+    net = MatchingNetworks(nn.Identity(), n_way=2, feature_dim=2, scale=100.0)
+    logits = net.predict(ep)[0, 0]
+    assert logits[1].item() == pytest.approx(-200.0, rel=1e-12)  # log softmax([100, -100])[1]
+    assert torch.isfinite(net.meta_loss(ep)[0])
+    with pytest.raises(UserError, match="algo.scale=0"):
+        MatchingNetworks(nn.Identity(), n_way=2, feature_dim=2, scale=0)
 
 
 def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh):

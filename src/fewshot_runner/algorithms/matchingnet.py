@@ -3,9 +3,12 @@
 A query's label distribution is the support labels summed by attention, the attention a softmax over the
 cosine similarities between the query's embedding and each support embedding:
 
-    P(y = k | x, S) = sum_i a(x, x_i) [y_i = k],   a(x, x_i) = softmax_i cos(f(x), g(x_i))
+    P(y = k | x, S) = sum_i a(x, x_i) [y_i = k],   a(x, x_i) = softmax_i s * cos(f(x), g(x_i))
 
-and training minimises -log P(true label).  With ``fce=true`` the embeddings are the paper's full context
+and training minimises -log P(true label).  The paper's softmax reads the cosines as they are (s = 1,
+``algo.scale``'s default); cosines lie in [-1, 1], so with s = 1 the attention can never be sharp and the
+loss stays near 1 at perfect accuracy.  ``algo.scale`` (s > 0, a temperature 1/s) sharpens it: a choice to
+make on validation classes (docs/methods.md).  With ``fce=true`` the embeddings are the paper's full context
 embeddings (its appendix): g is a bidirectional LSTM over the support set, f an attention LSTM that reads
 the support set K times (:class:`FullContextEmbeddings`).  Without, f = g = the backbone.
 """
@@ -21,15 +24,19 @@ from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
 
 
-def cosine_attention(query_z: torch.Tensor, support_z: torch.Tensor) -> torch.Tensor:
-    """softmax over the support of cos(query, support): query_z (T, Q, D), support_z (T, S, D) -> (T, Q, S)."""
+def cosine_attention(query_z: torch.Tensor, support_z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """log of the softmax over the support of scale * cos(query, support): query_z (T, Q, D), support_z (T, S, D)
+    -> (T, Q, S)."""
     cos = F.normalize(query_z, dim=-1) @ F.normalize(support_z, dim=-1).transpose(1, 2)
-    return cos.softmax(-1)
+    return (cos * scale if scale != 1.0 else cos).log_softmax(-1)
 
 
-def attention_label_sum(attention: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
-    """P(y = k | query) = sum_i a_i [y_i = k]: attention (T, Q, S), support_y (T, S) -> (T, Q, n_way)."""
-    return attention @ F.one_hot(support_y, n_way).to(attention.dtype)
+def attention_label_sum(log_attention: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
+    """log P(y = k | query) = log sum_i a_i [y_i = k], in log space (a sharp attention cannot underflow to
+    log 0): log_attention (T, Q, S), support_y (T, S) -> (T, Q, n_way)."""
+    mask = F.one_hot(support_y, n_way).to(torch.bool).transpose(1, 2)  # (T, n_way, S)
+    masked = log_attention.unsqueeze(2).masked_fill(~mask.unsqueeze(1), float("-inf"))  # (T, Q, n_way, S)
+    return masked.logsumexp(-1)
 
 
 class FullContextEmbeddings(nn.Module):
@@ -83,9 +90,13 @@ class MatchingNetworks(MetaLearner):
     supports_compile = True
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, fce: bool = False,
-                 fce_steps: int = 5) -> None:
+                 fce_steps: int = 5, scale: float = 1.0) -> None:
         super().__init__()
+        if not scale > 0:
+            raise UserError(f"algo.scale={scale}: the cosine scale must be positive (1: the paper's softmax over "
+                            f"plain cosines; e.g. 10 sharpens the attention); set algo.scale to a number > 0")
         self.backbone = backbone
+        self.scale = float(scale)
         self.fce = FullContextEmbeddings(feature_dim, fce_steps) if fce else None
 
     def embed(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +113,7 @@ class MatchingNetworks(MetaLearner):
     def logits(self, ep: Episode) -> torch.Tensor:
         """log P(y = k | query, S): (T, Q, n_way)."""
         support_z, query_z = self.embed(ep)
-        return attention_label_sum(cosine_attention(query_z, support_z), ep.support_y, ep.n_way).log()
+        return attention_label_sum(cosine_attention(query_z, support_z, self.scale), ep.support_y, ep.n_way)
 
     def meta_loss(self, episodes: Episode):
         logits = self.logits(episodes)

@@ -16,6 +16,8 @@ class MatchingNetConfig:
     # (the paper's miniImageNet setting; its Omniglot results are without)
     fce: bool = False
     fce_steps: int = 5  # K: the attention LSTM's read steps over the support set (fce=true)
+    # s in softmax(s * cos): 1 is the paper's (plain cosines, a soft attention); larger sharpens it (temperature 1/s)
+    scale: float = 1.0
 
 
 @register("algo", "relationnet")
