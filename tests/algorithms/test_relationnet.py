@@ -13,7 +13,8 @@ from test_matchingnet import assert_gradient_matches_finite_differences
 from torch import nn
 
 from conftest import RESUMABLE_STEPS, kill_and_resume, smoke_eval, smoke_train
-from fewshot_runner.algorithms.relationnet import RelationNetworks
+from fewshot_runner.algorithms.relationnet import RelationNetworks, class_sums, relation_pairs
+from fewshot_runner.backbones import use_channels_last
 from fewshot_runner.backbones.conv import Conv4
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import UserError
@@ -64,13 +65,9 @@ def test_relation_module_sees_the_class_sum_and_the_query_concatenated_and_score
     C, h = 2, 3
     net = RelationNetworks(MapIdentity(), n_way=3, feature_dim=C * h * h, map_channels=C, relation_channels=4,
                            relation_hidden=5, fused_ops="off").double().eval()
-    seen = []
-    net.relation.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     loss, metrics = net.meta_loss(ep)
-    (pairs,) = seen
-    assert pairs.shape == (2 * 6 * 3, 2 * C, h, h)
-    pairs = pairs.view(2, 6, 3, 2 * C, h, h)
     logits = net.predict(ep)
+    pairs = relation_pairs(class_sums(ep.support_x, ep.support_y, 3), ep.query_x)  # the definition's input
     sq = 0.0
     for t in range(2):
         for n in range(3):
@@ -79,7 +76,7 @@ def test_relation_module_sees_the_class_sum_and_the_query_concatenated_and_score
                 expected_pair = torch.cat([class_sum, ep.query_x[t, q]], dim=0)
                 assert torch.equal(pairs[t, q, n], expected_pair)
                 with torch.no_grad():
-                    score = torch.sigmoid(net.relation(expected_pair[None]))[0].item()
+                    score = torch.sigmoid(net.relation.score_pairs(expected_pair[None]))[0].item()
                 assert torch.sigmoid(logits[t, q, n]).item() == pytest.approx(score, rel=1e-12, abs=1e-15)
                 sq += (score - float(ep.query_y[t, q] == n)) ** 2
     assert loss.item() == pytest.approx(sq / (2 * 6 * 3), rel=1e-12)
@@ -88,6 +85,37 @@ def test_relation_module_sees_the_class_sum_and_the_query_concatenated_and_score
     assert emb["support"].shape == (2, 6, 18) and emb["query"].shape == (2, 6, 18)
     torch.testing.assert_close(emb["prototypes"][0, 1], sum(ep.support_x[0, i].flatten()
                                                            for i in range(6) if ep.support_y[0, i] == 1))
+
+
+@pytest.mark.parametrize("fused_ops,channels_last", [("off", False), ("off", True), ("auto", True)])
+def test_split_first_convolution_equals_the_module_on_concatenated_pairs_in_float64(fused_ops, channels_last):
+    """The module's forward never builds the N x Q pair maps: its first convolution runs on the class sums and the
+    queries apart (linearity).  In training mode (batch statistics over all pairs, running statistics updated)
+    its logits, their gradients and the updated running statistics equal score_pairs on the explicit
+    [class sum, query] concatenations, in float64 (paper net: 7 x 7 maps, both blocks pool)."""
+    torch.manual_seed(0)
+    ep = episode(n_tasks=2, n_way=3, n_shot=2, n_query=2, shape=(4, 7, 7), seed=3)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        net = RelationNetworks(MapIdentity(), n_way=3, feature_dim=4 * 7 * 7, map_channels=4, relation_channels=5,
+                               relation_hidden=3, fused_ops=fused_ops).double().train()
+        if channels_last:
+            use_channels_last(net.relation)
+        nets.append(net)
+    split, plain = nets
+    sums = class_sums(ep.support_x, ep.support_y, 3)
+    got = split.relation(sums, ep.query_x)
+    want = plain.relation.score_pairs(relation_pairs(sums, ep.query_x).flatten(0, 2)).view(2, 6, 3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    weights = torch.randn(got.shape, dtype=torch.float64)
+    g_split = torch.autograd.grad((got * weights).sum(), list(split.relation.parameters()))
+    g_plain = torch.autograd.grad((want * weights).sum(), list(plain.relation.parameters()))
+    for a, b in zip(g_split, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    for a, b in zip(split.relation.buffers(), plain.relation.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert not torch.equal(split.relation.blocks[0].bn.running_mean, torch.zeros(5, dtype=torch.float64))
 
 
 def test_relation_module_is_the_papers_two_pooled_blocks_and_two_linear_layers():

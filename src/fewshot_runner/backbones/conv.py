@@ -52,6 +52,13 @@ class ConvBlock(nn.Module):
             x = F.conv2d(x, w, conv.bias, conv.stride, conv.padding)
         else:
             x = conv(x)
+        return self.after_conv(x)
+
+    def after_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """BatchNorm -> ReLU -> (max-pool) on this block's convolution output x (the fused op where it is on and
+        batch statistics are used).  Relation Networks call it on a convolution they compute by linearity."""
+        bn = self.bn
+        batch_stats = bn.training or not bn.track_running_stats
         if self.fused and batch_stats and not is_transformed(x):  # (vmap / grad: the plain path, see norm.py)
             from fewshot_runner.ops import bn_relu_pool
 
