@@ -18,7 +18,7 @@ from conftest import one_error_line, run_cli
 from fewshot_runner.algorithms.maml import MAML
 from fewshot_runner.data.sinusoid import Sinusoid
 from fewshot_runner.engine.device import Runtime
-from fewshot_runner.engine.evaluate import evaluate
+from fewshot_runner.engine.evaluate import evaluate, nonfinite_note, nonfinite_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 nets: one intra-op thread (tests/conftest.py)
 
@@ -127,6 +127,35 @@ def test_regression_evaluation_gives_the_mean_per_task_mse_and_its_95_interval()
     mean = float(per_task.mean())
     ci = 1.96 * math.sqrt(float(((per_task - mean) ** 2).sum()) / 29) / math.sqrt(30)
     assert out["mse"] == pytest.approx(mean, rel=1e-6) and out["ci95"] == pytest.approx(ci, rel=1e-5)
+
+
+class DivergesOnSome(MAML):
+    """A 'learner' whose adaptation 'diverges' (NaN, +inf) on the tasks whose first support x is below -2."""
+
+    def predict(self, episodes):
+        out = 0.5 * episodes.query_x
+        first = episodes.support_x[:, 0, 0]
+        out[first < -2.5] = float("nan")
+        out[(first >= -2.5) & (first < -2)] = float("inf")
+        return out
+
+
+def test_a_test_with_diverged_tasks_keeps_its_nan_mean_and_says_how_many_and_the_median_of_the_rest():
+    split = Sinusoid().split("test")
+    learner = DivergesOnSome(smooth_net(), 1, 4, inner_steps=1, eval_inner_steps=1)
+    learner.set_task_kind("regression")
+    out = evaluate(learner, split, 1, 5, 20, 40, seed=7, chunk=7, runtime=Runtime(torch.device("cpu"), None, False))
+    ep = split.episode_sampler(1, 5, 20, seed=7).sample(40)
+    first = ep.support_x[:, 0, 0]
+    bad = int((first < -2).sum())
+    assert 0 < bad < 40 and out["n_nonfinite"] == bad and math.isnan(out["mse"])
+    ok = first >= -2
+    per_task = ((0.5 * ep.query_x.squeeze(-1).double() - ep.query_y.double()) ** 2).mean(1)[ok]
+    assert out["finite_median"] == pytest.approx(float(per_task.median()), rel=1e-6)
+    note = nonfinite_note(out, "mse")
+    assert note.startswith(f"warning: {bad} of 40 test tasks gave a non-finite mse") and "\n" not in note
+    assert nonfinite_results(out, "mse") == {"test/n_nonfinite": bad, "test/median_finite_mse": out["finite_median"]}
+    assert nonfinite_note({"mse": 0.3, "n_episodes": 40}, "mse") is None  # all finite: no line, no keys
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "reptile"])

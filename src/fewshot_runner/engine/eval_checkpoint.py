@@ -15,7 +15,8 @@ from fewshot_runner.engine.build import (build_dataset, build_learner, build_tra
                                          learner_class, make_run_logger, run_runtime)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import eval_weights
-from fewshot_runner.engine.evaluate import evaluate, learner_measures, measure_rows, task_metric
+from fewshot_runner.engine.evaluate import (evaluate, learner_measures, measure_rows, nonfinite_note, nonfinite_results,
+                                            task_metric)
 from fewshot_runner.engine.pictures import save_pictures
 from fewshot_runner.engine.messages import say, write_json
 from fewshot_runner.engine.rundir import make_run_dir
@@ -110,7 +111,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
                "test/split": cfg.eval.split, "test/data": saved.data._target_.rsplit(".", 1)[-1], "n_way": ev.n_way, "n_shot": ev.n_shot, "n_query": ev.n_query,
                **{f"algo/{k}": saved.algo[k] for k in learner_class(saved.algo).eval_settings if k in saved.algo},
                "checkpoint": str(cfg.checkpoint), "step": int(state["step"]), "precision": runtime.precision,
-               "data/split_checksum": getattr(split, "split_checksum", None)}
+               "data/split_checksum": getattr(split, "split_checksum", None), **nonfinite_results(test, m.name)}
     write_json(run_dir / "results.json", results)
     pictures = save_pictures(algo, split, ev, runtime, eval_tf, run_dir, cfg.eval.seed + 1) if cfg.eval.pictures else []
     messages = _log_eval(cfg, run_dir, saved, results, pictures)
@@ -118,8 +119,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
         f"eval {Path(cfg.checkpoint).name}: {m.shape_text(ev.n_way, ev.n_shot)}, {cfg.eval.split}",
         [(m.name, m.text(test[m.name], test["ci95"])), ("episodes", str(test["n_episodes"])), *measure_rows(results),
          ("run dir", str(run_dir))]))
-    for m in messages:
-        say(m)
+    note = nonfinite_note(test, m.name)
+    for line in ([note] if note else []) + messages:
+        say(line)
     return results
 
 

@@ -111,7 +111,30 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
         algo.train(was_training)
     acc = torch.cat(accs)
     mean, ci = mean_ci95(acc)
-    return {metric.name: mean, "ci95": ci, "n_episodes": int(acc.numel())}
+    out = {metric.name: mean, "ci95": ci, "n_episodes": int(acc.numel())}
+    finite = torch.isfinite(acc)
+    if not bool(finite.all()):  # the mean stays NaN / inf (honest); the count and the finite tasks' median beside it
+        out["n_nonfinite"] = int((~finite).sum())
+        out["finite_median"] = float(acc[finite].double().median()) if bool(finite.any()) else float("nan")
+    return out
+
+
+def nonfinite_results(test: dict, name: str) -> dict:
+    """results.json keys for a test whose tasks were not all finite (none otherwise)."""
+    if not test.get("n_nonfinite"):
+        return {}
+    return {"test/n_nonfinite": test["n_nonfinite"], f"test/median_finite_{name}": test["finite_median"]}
+
+
+def nonfinite_note(test: dict, name: str) -> str | None:
+    """One line when some test tasks scored NaN or inf (an adaptation that diverged), else None."""
+    bad = test.get("n_nonfinite")
+    if not bad:
+        return None
+    n = test["n_episodes"]
+    return (f"warning: {bad} of {n} test tasks gave a non-finite {name} (the adaptation diverged), so the mean is "
+            f"{test[name]}; the median of the {n - bad} finite ones is {test['finite_median']:.4g}; fewer "
+            f"algo.eval_inner_steps or a smaller inner learning rate avoid it")
 
 
 def learner_measures(algo, split: ClassSplit, n_way: int, per_class: int, n_tasks: int, seed: int, runtime: Runtime,

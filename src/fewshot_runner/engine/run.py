@@ -33,7 +33,8 @@ from fewshot_runner.engine.build import (build_dataset, build_learner, build_tra
                                          seed_everything)
 from fewshot_runner.engine.console import console, results_table
 from fewshot_runner.engine.ema import WeightAverage, eval_weights
-from fewshot_runner.engine.evaluate import evaluate, learner_measures, measure_rows, task_metric
+from fewshot_runner.engine.evaluate import (evaluate, learner_measures, measure_rows, nonfinite_note, nonfinite_results,
+                                            task_metric)
 from fewshot_runner.engine.faults import FaultPlan
 from fewshot_runner.engine.loop import TrainingRun
 from fewshot_runner.engine.messages import say, write_json
@@ -196,6 +197,7 @@ def finish(run: TrainingRun, test_split) -> dict[str, Any]:
         "checkpoint": str(best_path if best_path.exists() else run.ckpt_dir / "last.pt"),
         "precision": run.runtime.precision, "package_version": __version__,
         "data/split_checksum": getattr(test_split, "split_checksum", None),
+        **nonfinite_results(test, m.name),
     }
     run.logger.log_metrics({f"test/{m.name}": test[m.name], "test/ci95": test["ci95"], **measures}, run.step)
     if cfg.eval.pictures:
@@ -223,7 +225,10 @@ def report(run: TrainingRun, results: dict[str, Any]) -> None:
           else f"none: trained on {cfg.train.split}, the last model (step {run.best_step}) kept"),
          *measure_rows(results),
          ("steps", str(run.step)), ("wall time", f"{results['wall_time_s']:.0f} s"), ("run dir", str(run.run_dir))]))
-    for m in messages:
-        say(m)
+    note = nonfinite_note({m.name: results[f"test/{m.name}"], "n_episodes": results["test/n_episodes"],
+                           "n_nonfinite": results.get("test/n_nonfinite"),
+                           "finite_median": results.get(f"test/median_finite_{m.name}")}, m.name)
+    for line in ([note] if note else []) + messages:
+        say(line)
     if run.stop:
         say(f"{run.stop.name} arrived during the final test; the run completed anyway")
