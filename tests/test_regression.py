@@ -152,10 +152,12 @@ def test_a_test_with_diverged_tasks_keeps_its_nan_mean_and_says_how_many_and_the
     ok = first >= -2
     per_task = ((0.5 * ep.query_x.squeeze(-1).double() - ep.query_y.double()) ** 2).mean(1)[ok]
     assert out["finite_median"] == pytest.approx(float(per_task.median()), rel=1e-6)
-    note = nonfinite_note(out, "mse")
+    keys = nonfinite_results(out, "mse")
+    assert keys == {"test/n_nonfinite": bad, "test/median_finite_mse": out["finite_median"]}
+    note = nonfinite_note({"test/mse": out["mse"], "test/n_episodes": 40, **keys}, "mse")
     assert note.startswith(f"warning: {bad} of 40 test tasks gave a non-finite mse") and "\n" not in note
-    assert nonfinite_results(out, "mse") == {"test/n_nonfinite": bad, "test/median_finite_mse": out["finite_median"]}
-    assert nonfinite_note({"mse": 0.3, "n_episodes": 40}, "mse") is None  # all finite: no line, no keys
+    assert nonfinite_results({"mse": 0.3, "n_episodes": 40}, "mse") == {}  # all finite: no keys, no line
+    assert nonfinite_note({"test/mse": 0.3, "test/n_episodes": 40}, "mse") is None
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "reptile"])

@@ -15,6 +15,8 @@ the support set K times (:class:`FullContextEmbeddings`).  Without, f = g = the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,7 @@ def cosine_attention(query_z: torch.Tensor, support_z: torch.Tensor, scale: floa
     """log of the softmax over the support of scale * cos(query, support): query_z (T, Q, D), support_z (T, S, D)
     -> (T, Q, S)."""
     cos = F.normalize(query_z, dim=-1) @ F.normalize(support_z, dim=-1).transpose(1, 2)
-    return (cos * scale if scale != 1.0 else cos).log_softmax(-1)
+    return (cos * scale).log_softmax(-1)
 
 
 def attention_label_sum(log_attention: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -92,7 +94,7 @@ class MatchingNetworks(MetaLearner):
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, fce: bool = False,
                  fce_steps: int = 5, scale: float = 1.0) -> None:
         super().__init__()
-        if not scale > 0:
+        if not (scale > 0 and math.isfinite(scale)):
             raise UserError(f"algo.scale={scale}: the cosine scale must be positive (1: the paper's softmax over "
                             f"plain cosines; e.g. 10 sharpens the attention); set algo.scale to a number > 0")
         self.backbone = backbone

@@ -119,7 +119,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path | None = None) -> d
         f"eval {Path(cfg.checkpoint).name}: {m.shape_text(ev.n_way, ev.n_shot)}, {cfg.eval.split}",
         [(m.name, m.text(test[m.name], test["ci95"])), ("episodes", str(test["n_episodes"])), *measure_rows(results),
          ("run dir", str(run_dir))]))
-    note = nonfinite_note(test, m.name)
+    note = nonfinite_note(results, m.name)
     for line in ([note] if note else []) + messages:
         say(line)
     return results

@@ -126,15 +126,17 @@ def nonfinite_results(test: dict, name: str) -> dict:
     return {"test/n_nonfinite": test["n_nonfinite"], f"test/median_finite_{name}": test["finite_median"]}
 
 
-def nonfinite_note(test: dict, name: str) -> str | None:
-    """One line when some test tasks scored NaN or inf (an adaptation that diverged), else None."""
-    bad = test.get("n_nonfinite")
+def nonfinite_note(results: dict, name: str) -> str | None:
+    """One line when some test tasks scored NaN or inf (an adaptation that diverged), else None: ``results`` is
+    results.json's dict (``test/<name>``, ``test/n_episodes`` and :func:`nonfinite_results`' keys)."""
+    bad = results.get("test/n_nonfinite")
     if not bad:
         return None
-    n = test["n_episodes"]
+    n = results["test/n_episodes"]
     return (f"warning: {bad} of {n} test tasks gave a non-finite {name} (the adaptation diverged), so the mean is "
-            f"{test[name]}; the median of the {n - bad} finite ones is {test['finite_median']:.4g}; fewer "
-            f"algo.eval_inner_steps or a smaller inner learning rate avoid it")
+            f"{results[f'test/{name}']}; the median of the {n - bad} finite ones is "
+            f"{results[f'test/median_finite_{name}']:.4g}; fewer algo.eval_inner_steps or a smaller inner learning "
+            f"rate avoid it")
 
 
 def learner_measures(algo, split: ClassSplit, n_way: int, per_class: int, n_tasks: int, seed: int, runtime: Runtime,

@@ -225,9 +225,7 @@ def report(run: TrainingRun, results: dict[str, Any]) -> None:
           else f"none: trained on {cfg.train.split}, the last model (step {run.best_step}) kept"),
          *measure_rows(results),
          ("steps", str(run.step)), ("wall time", f"{results['wall_time_s']:.0f} s"), ("run dir", str(run.run_dir))]))
-    note = nonfinite_note({m.name: results[f"test/{m.name}"], "n_episodes": results["test/n_episodes"],
-                           "n_nonfinite": results.get("test/n_nonfinite"),
-                           "finite_median": results.get(f"test/median_finite_{m.name}")}, m.name)
+    note = nonfinite_note(results, m.name)
     for line in ([note] if note else []) + messages:
         say(line)
     if run.stop:
