@@ -1,4 +1,4 @@
-"""The run-level config schemas (``train``, ``eval``, ``device``, ``logger``), and the ConfigStore
+"""The run-level config schemas (``train``, ``eval``, ``predict``, ``device``, ``logger``), and the ConfigStore
 registration of these and of every group schema in :mod:`fewshot_runner.schemas`.
 
 YAML files in ``conf/`` extend these schemas (``defaults: [/schema/<group>/<name>]``), so a
@@ -132,6 +132,27 @@ class EvalRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class PredictRunConfig:
+    """``fewshot predict`` (conf/predict.yaml): classify the user's own images with a trained model."""
+
+    checkpoint: str = MISSING  # the .pt file of a trained run (e.g. outputs/DATE/TIME/checkpoints/best.pt)
+    # the labelled examples: one folder per class, support/<class_name>/<images>; 2 classes or more (a learner
+    # with a fixed-size head, e.g. MAML, takes exactly its training n_way)
+    support: str = MISSING
+    query: str = MISSING  # a folder of the images to classify (any number, any size and mode)
+    # the CSV to write (file, predicted_class, probability, one probability column per class); null:
+    # predictions.csv in the run dir (hydra.run.dir), beside the picture predictions.png
+    out: Optional[str] = None
+    # resize the images to this side instead of the checkpoint's data.image_size (null: the checkpoint's)
+    image_size: Optional[int] = None
+    seed: int = 0  # torch's seed before predicting (for learners that draw random numbers at test time)
+    # test-time settings of the checkpoint's learner (its eval_settings, e.g. MAML's eval_inner_steps); any
+    # other key is refused in one line
+    algo: dict[str, Any] = field(default_factory=dict)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+
 def conf_dir() -> str:
     """The conf/ folder: beside src/ in a checkout, or packaged as fewshot_runner/conf."""
     here = Path(__file__).resolve().parent  # src/fewshot_runner
@@ -145,6 +166,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="predict_schema", node=PredictRunConfig)
     for (group, name), node in sorted(all_schemas().items()):
         cs.store(group=f"schema/{group}", name=name, node=node, package=group)
 

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from fewshot_runner.data.checksum import split_checksum
+from fewshot_runner.data.sampler import EpisodeSampler, check_episode_shape
 from fewshot_runner.errors import DataError
 
 
@@ -76,15 +77,11 @@ class ClassSplit:
     # data/sinusoid.py), so it never tests what kind of split it holds.
     def check_episode_shape(self, n_way: int, n_shot: int, n_query: int) -> None:
         """A one-line DataError when this split cannot serve such episodes (data/sampler.py)."""
-        from fewshot_runner.data.sampler import check_episode_shape
-
         check_episode_shape(self, n_way, n_shot, n_query)
 
     def episode_sampler(self, n_way: int, n_shot: int, n_query: int, seed: int):
         """This split's episodes as a batch source (``sample`` / ``state_dict`` / ``load_state_dict``):
         an ``EpisodeSampler``; ``data.sampler.fixed_episodes`` draws evaluation episodes through it."""
-        from fewshot_runner.data.sampler import EpisodeSampler
-
         return EpisodeSampler(self, n_way, n_shot, n_query, seed)
 
 

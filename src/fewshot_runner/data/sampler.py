@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Protocol
 
-from typing import TYPE_CHECKING
+import torch
 
 from fewshot_runner.episode import Episode
 from fewshot_runner.errors import DataError
 
-if TYPE_CHECKING:  # (annotations only: ClassSplit's episode_sampler builds the samplers here)
-    from fewshot_runner.data.base import ClassSplit
+
+class IndexedSplit(Protocol):
+    """What sampling reads of a split: ``data.base.ClassSplit`` is one (this module does not import it,
+    as ClassSplit's ``episode_sampler`` builds the samplers here)."""
+
+    name: str
+    images: torch.Tensor
+    counts: torch.Tensor
+    index: torch.Tensor
+    class_groups: torch.Tensor | None
+
+    @property
+    def n_classes(self) -> int: ...
+
+    @property
+    def min_per_class(self) -> int: ...
+
+    def episode_sampler(self, n_way: int, n_shot: int, n_query: int, seed: int): ...
 
 
-def check_episode_shape(split: ClassSplit, n_way: int, n_shot: int, n_query: int) -> None:
+def check_episode_shape(split: IndexedSplit, n_way: int, n_shot: int, n_query: int) -> None:
     """Raise a one-line DataError when ``split`` cannot serve the requested episodes."""
     if n_way < 1 or n_shot < 1 or n_query < 1:
         raise DataError(f"n_way, n_shot and n_query must be >= 1 (got {n_way}, {n_shot}, {n_query})")
@@ -52,7 +68,7 @@ class EpisodeSampler:
     DataLoader workers and gives the very same episodes.
     """
 
-    def __init__(self, split: ClassSplit, n_way: int, n_shot: int, n_query: int, seed: int) -> None:
+    def __init__(self, split: IndexedSplit, n_way: int, n_shot: int, n_query: int, seed: int) -> None:
         check_episode_shape(split, n_way, n_shot, n_query)
         self.split = split
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
@@ -115,7 +131,7 @@ class EpisodeSampler:
 EPISODE_BLOCK = 50
 
 
-def fixed_episodes(split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int):
+def fixed_episodes(split: IndexedSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int):
     """Yield ``n_episodes`` evaluation episodes in batches of at most ``EPISODE_BLOCK``.
 
     Fixed by ``seed``: every run evaluated with the same settings sees the same episodes, and the
