@@ -187,3 +187,34 @@ def test_a_checkpoint_written_before_the_optimizer_group_and_transform_keys_eval
     more = train(compose_cfg(["debug=smoke", "algo=maml", "train.steps=3",
                               f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]), run_dir=tmp_path / "more")
     assert more["steps"] == 3
+
+
+def test_resume_auto_with_more_steps_trains_a_finished_run_on(compose_cfg, tmp_path, capsys):
+    """``resume=auto`` with a larger ``train.steps`` trains a finished run on from its last.pt and ends
+    bitwise equal to a run that trained that long from the start (one test record in metrics.jsonl); the
+    same ``train.steps`` skips it; a learner that anneals over ``train.steps`` refuses the change in one line."""
+    import torch
+
+    from fewshot_runner.engine.checkpoint import load_checkpoint
+    from fewshot_runner.errors import CheckpointError
+
+    over = ["debug=smoke", "algo=protonet", "backbone.hidden=8", "device.threads=1", "train.log_every=1",
+            "train.ckpt_every=2", "train.val_every=2", "logger=none"]
+    whole = train(compose_cfg(over + ["train.steps=6"]), run_dir=tmp_path / "a")
+    first = train(compose_cfg(over + ["train.steps=4"]), run_dir=tmp_path / "b")
+    assert first["steps"] == 4
+    on = train(compose_cfg(over + ["train.steps=6", "resume=auto"]), run_dir=tmp_path / "b")
+    assert "resuming from" in capsys.readouterr().out
+    assert on["steps"] == 6 and on["test/acc"] == whole["test/acc"]
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt")["model"] for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(ln) for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if "train/loss" in r) == list(range(1, 7))
+    assert [r["step"] for r in rows if "test/acc" in r] == [6]
+    again = train(compose_cfg(over + ["train.steps=6", "resume=auto"]), run_dir=tmp_path / "b")
+    assert "done already" in capsys.readouterr().out and again == on
+
+    rep = ["debug=smoke", "algo=reptile", "backbone.hidden=8", "device.threads=1", "logger=none"]
+    train(compose_cfg(rep + ["train.steps=2"]), run_dir=tmp_path / "r")
+    with pytest.raises(CheckpointError, match="anneals its schedules; resume with train.steps=2"):
+        train(compose_cfg(rep + ["train.steps=3", "resume=auto"]), run_dir=tmp_path / "r")

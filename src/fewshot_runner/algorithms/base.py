@@ -63,6 +63,10 @@ class MetaLearner(nn.Module):
     #: the engine refuses another in one line before building it, then calls :meth:`set_task_kind`.
     task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
+    #: True where a schedule inside the learner reads ``train.steps`` (:meth:`set_progress`'s ``total``:
+    #: Reptile's outer step size, MAML++'s annealings): a resumed run must then keep its ``train.steps``.
+    anneals_over_steps: ClassVar[bool] = False
+
     def __init__(self) -> None:
         super().__init__()
         self.task_kind = "classification"  # set_task_kind (a plain str: task-thread replicas copy it)

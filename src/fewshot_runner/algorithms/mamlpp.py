@@ -112,6 +112,7 @@ class MAMLPlusPlus(GradientLearner):
     eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps", "eval_bn")
     # its losses and metrics are the classifiers' (cross-entropy, accuracy); not yet regression
     task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    anneals_over_steps: ClassVar[bool] = True  # the multi-step loss and derivative order follow train.steps
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: float = 0.1, inner_steps: int = 5,
                  eval_inner_steps: int = 5, multi_step_loss: bool = True, msl_steps: Optional[int] = None,

@@ -230,6 +230,7 @@ class Reptile(GradientLearner):
     """
 
     eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps", "inner_lr", "transductive")
+    anneals_over_steps: ClassVar[bool] = True  # the outer step size falls linearly to its final value at train.steps
 
     def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: float = 0.1,
                  inner_steps: int = 5, eval_inner_steps: int = 50, inner_batch: Optional[int] = 10,

@@ -39,7 +39,7 @@ from fewshot_runner.engine.faults import FaultPlan
 from fewshot_runner.engine.loop import TrainingRun
 from fewshot_runner.engine.messages import say, write_json
 from fewshot_runner.engine.outer_step import step_helpers
-from fewshot_runner.engine.rundir import (adopt_run_files, check_start, drop_final_records, make_run_dir,
+from fewshot_runner.engine.rundir import (adopt_run_files, check_start, drop_final_records, finished_run, make_run_dir,
                                           restore_rng, restore_training_state, resume_hint)
 from fewshot_runner.engine.signals import Interrupted, StopFlag
 
@@ -62,9 +62,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _train(cfg: DictConfig, run_dir: str | Path | None, stop: StopFlag) -> dict[str, Any]:
     t_start = time.time()
     run_dir = make_run_dir(run_dir)
-    results_path = run_dir / "results.json"
-    if cfg.resume == "auto" and results_path.exists():
-        say(f"done already: {results_path} exists (resume=auto); skipping")
+    results_path = finished_run(cfg, run_dir)
+    if results_path is not None:
+        say(f"done already: {results_path} exists (resume=auto; a larger train.steps trains on); skipping")
         return json.loads(results_path.read_text())
 
     faults = FaultPlan.from_env()  # (a malformed $FEWSHOT_FAULT is refused before anything is built)

@@ -41,6 +41,23 @@ def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume).expanduser()
 
 
+def finished_run(cfg: DictConfig, run_dir: str | Path) -> Path | None:
+    """``resume=auto`` on a run that has trained its ``train.steps`` (its results.json says how many):
+    that results.json, which the run is skipped for.  None when there is no finished run, or when
+    ``train.steps`` asks for more than it trained: then the run goes on from its ``last.pt`` (and its
+    results.json is replaced at the new end, not before)."""
+    path = Path(run_dir) / "results.json"
+    if cfg.resume != "auto" or not path.exists():
+        return None
+    try:
+        trained = json.loads(path.read_text()).get("steps")
+    except ValueError:
+        trained = None
+    if isinstance(trained, int) and int(cfg.train.steps) > trained and (path.parent / "checkpoints" / "last.pt").exists():
+        return None
+    return path
+
+
 def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path | None]:
     """What can be checked before a run writes anything: the device (and device.compile against the
     learner), that the run dir holds no other run (unless resuming), and the checkpoint to resume from.
@@ -54,7 +71,7 @@ def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path
     if cfg.device.get("memory_cap_mb") is not None and cfg.train.get("task_chunk"):
         raise UserError(f"train.task_chunk={cfg.train.task_chunk} and device.memory_cap_mb="
                         f"{cfg.device.memory_cap_mb} both set the chunks of a batch; keep one (the other null)")
-    if cfg.resume == "auto" and (run_dir / "results.json").exists():
+    if finished_run(cfg, run_dir):
         return None, None  # done already: train() skips it
     if not cfg.resume:
         held = [f for f in ("results.json", "checkpoints/last.pt") if (run_dir / f).exists()]
@@ -66,6 +83,12 @@ def check_start(cfg: DictConfig, run_dir: str | Path) -> tuple[dict | None, Path
         return None, None
     state = ckpt.load_checkpoint(path)
     check_same_run(state["config"], cfg, path)
+    steps_then = (state["config"].get("train") or {}).get("steps")
+    learner = learner_class(cfg.algo)
+    if steps_then is not None and steps_then != cfg.train.steps and learner.anneals_over_steps:
+        raise CheckpointError(f"checkpoint {path} was trained with train.steps={steps_then}, over which "
+                              f"{learner.__name__} anneals its schedules; resume with train.steps={steps_then} "
+                              f"(to train longer, start a new run)")
     return state, path
 
 
