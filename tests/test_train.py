@@ -104,14 +104,14 @@ def test_cosine_schedule_anneals_to_lr_min_and_resumes(compose_cfg, tmp_path):
 def test_trainval_split_trains_on_val_classes_and_keeps_the_last_model(compose_cfg, tmp_path, monkeypatch):
     """train.split=trainval: the sampler draws from train + val classes, no validation runs, and
     best.pt is the last model (what the test evaluates)."""
-    import fewshot_runner.data.sampler as sampler
+    import fewshot_runner.data.base as data_base  # (ClassSplit.episode_sampler builds the samplers)
     import fewshot_runner.engine.loop as loop
     import fewshot_runner.engine.run as run
     from fewshot_runner.engine import checkpoint as ckpt
 
     seen, evaluated = [], []
-    real_sampler, real_eval = sampler.EpisodeSampler, run.evaluate
-    monkeypatch.setattr(sampler, "EpisodeSampler", lambda split, *a, **k: seen.append(split.name) or real_sampler(split, *a, **k))
+    real_sampler, real_eval = data_base.EpisodeSampler, run.evaluate
+    monkeypatch.setattr(data_base, "EpisodeSampler", lambda split, *a, **k: seen.append(split.name) or real_sampler(split, *a, **k))
     for module in (loop, run):
         monkeypatch.setattr(module, "evaluate", lambda algo, split, *a, **k: evaluated.append(split.name) or real_eval(algo, split, *a, **k))
     cfg = compose_cfg(["debug=smoke", "algo=protonet", "train.split=trainval", "train.val_every=2"])
