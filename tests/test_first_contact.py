@@ -88,6 +88,26 @@ def test_the_maml_family_gets_its_papers_strided_omniglot_net(compose_cfg, algo)
         assert cfg.train.steps == 2000 and cfg.train.meta_batch_size == 32
 
 
+@pytest.mark.parametrize("overrides, optimizer, rate", [
+    ([], "adam", 1e-3),                                            # the paper setup: Adam at its 1e-3
+    (["algo.inner_optimizer=sgd"], "sgd", 0.1),                    # SGD brings its own rate, not Adam's
+    (["algo.inner_optimizer=sgd", "algo.inner_lr=0.05"], "sgd", 0.05),  # a rate typed wins
+    (["algo.inner_lr=5e-4"], "adam", 5e-4),                        # (the paper's 20-way rate)
+])
+def test_reptiles_inner_rate_follows_its_inner_optimizer(compose_cfg, overrides, optimizer, rate):
+    """algo.inner_lr null is the inner optimizer's own rate: `algo=reptile data=omniglot algo.inner_optimizer=sgd`
+    once ran SGD at the paper setup's Adam rate, 1e-3, and stayed at chance in training (2026-12-06)."""
+    from fewshot_runner.engine.build import build_learner
+    from fewshot_runner.engine.device import resolve_runtime
+
+    cfg = compose_cfg(["algo=reptile", "data=omniglot", "device=cpu", *overrides])
+    learner = build_learner(cfg, (1, 28, 28), 5, resolve_runtime(cfg.device))
+    assert (learner.inner_optimizer, learner.inner_lr, learner.inner_opt().lr) == (optimizer, rate, rate)
+    on_synthetic = build_learner(compose_cfg(["algo=reptile", "data=synthetic", "device=cpu"]), (1, 28, 28), 5,
+                                 resolve_runtime(cfg.device))
+    assert (on_synthetic.inner_optimizer, on_synthetic.inner_lr) == ("sgd", 0.1)  # the algo's own default
+
+
 def test_command_line_and_presets_still_win_over_the_paper_setup(compose_cfg):
     base = ["algo=maml", "data=omniglot"]
     assert compose_cfg([*base, "backbone=conv4"]).backbone.pool is True

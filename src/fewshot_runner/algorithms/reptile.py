@@ -5,7 +5,8 @@ phi_task; then theta <- theta + eps * mean_tasks(phi_task - theta), eps annealed
 
 The inner optimizer (``inner_optimizer``): SGD at ``inner_lr``, or Adam (Kingma & Ba 2015, Algorithm 1;
 ``inner_beta1``, ``inner_beta2``, ``inner_eps``), the paper's setting (lr 1e-3, its code's
-``AdamOptimizer(beta1=0)``).  Its code resets only the weights after a task, so Adam's moments and step
+``AdamOptimizer(beta1=0)``); ``inner_lr`` null takes the optimizer's own rate (SGD 0.1, Adam 1e-3), so that
+``inner_optimizer=sgd`` on top of the paper setup does not run SGD at Adam's rate.  Its code resets only the weights after a task, so Adam's moments and step
 count carry over from task to task and meta-step to meta-step, and every test task starts from them
 (restored after it); ``inner_state=carry`` does the same (buffers, in the checkpoint), ``reset`` starts
 every task from zero moments.
@@ -42,6 +43,8 @@ from fewshot_runner.errors import UserError
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 INNER_STATES = ("carry", "reset")
+#: ``inner_lr`` null: each inner optimizer's own rate (Adam's: the paper's Omniglot setting)
+DEFAULT_INNER_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
 def linear_anneal(start: float, final: float, step: int, total: int) -> float:
@@ -232,7 +235,7 @@ class Reptile(GradientLearner):
     eval_settings: ClassVar[tuple[str, ...]] = ("eval_inner_steps", "inner_lr", "transductive")
     anneals_over_steps: ClassVar[bool] = True  # the outer step size falls linearly to its final value at train.steps
 
-    def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: float = 0.1,
+    def __init__(self, backbone: nn.Module, n_way: int, feature_dim: int, inner_lr: Optional[float] = None,
                  inner_steps: int = 5, eval_inner_steps: int = 50, inner_batch: Optional[int] = 10,
                  outer_step_size: float = 1.0, outer_step_size_final: float = 0.0, transductive: bool = False,
                  inner_optimizer: str = "sgd", inner_beta1: float = 0.0, inner_beta2: float = 0.999,
@@ -252,7 +255,7 @@ class Reptile(GradientLearner):
             raise UserError("device.batch_tasks=groups runs a batch's tasks side by side, but algo.inner_state=carry "
                             "passes the inner Adam's state from task to task; use algo.inner_state=reset or "
                             "device.batch_tasks=auto")
-        self.inner_lr = inner_lr
+        self.inner_lr = DEFAULT_INNER_LR[inner_optimizer] if inner_lr is None else float(inner_lr)
         self.inner_batch = inner_batch
         self.outer_step_size = outer_step_size
         self.outer_step_size_final = outer_step_size_final

@@ -52,7 +52,9 @@ class ANILConfig:
 @dataclass
 class ReptileConfig:
     _target_: str = "fewshot_runner.algorithms.reptile.Reptile"
-    inner_lr: float = 0.1  # learning rate of the inner optimizer's steps (training and test time)
+    # learning rate of the inner optimizer's steps (training and test time); null: the inner optimizer's own,
+    # sgd 0.1 or adam 1e-3 (the paper's), so that choosing the optimizer brings its rate along
+    inner_lr: Optional[float] = None
     inner_steps: int = 5  # inner steps per training task, on its support + query images
     inner_batch: Optional[int] = 10  # images per training inner step (a random walk through the task); null: all
     eval_inner_steps: int = 50  # fine-tuning steps on the support set at validation and test
