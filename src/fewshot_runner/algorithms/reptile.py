@@ -5,11 +5,10 @@ phi_task; then theta <- theta + eps * mean_tasks(phi_task - theta), eps annealed
 
 The inner optimizer (``inner_optimizer``): SGD at ``inner_lr``, or Adam (Kingma & Ba 2015, Algorithm 1;
 ``inner_beta1``, ``inner_beta2``, ``inner_eps``), the paper's setting (lr 1e-3, its code's
-``AdamOptimizer(beta1=0)``); ``inner_lr`` null takes the optimizer's own rate (SGD 0.1, Adam 1e-3), so that
-``inner_optimizer=sgd`` on top of the paper setup does not run SGD at Adam's rate.  Its code resets only the weights after a task, so Adam's moments and step
-count carry over from task to task and meta-step to meta-step, and every test task starts from them
-(restored after it); ``inner_state=carry`` does the same (buffers, in the checkpoint), ``reset`` starts
-every task from zero moments.
+``AdamOptimizer(beta1=0)``); ``inner_lr`` null: the optimizer's own rate (SGD 0.1, Adam 1e-3).  Its code resets
+only the weights after a task, so Adam's moments and step count carry over from task to task and meta-step to
+meta-step, and every test task starts from them (restored after it); ``inner_state=carry`` does the same
+(buffers, in the checkpoint), ``reset`` starts every task from zero moments.
 
 The math is in pure functions (:class:`InnerSGD` / :class:`InnerAdam`: one step; :func:`inner_loop`,
 :func:`inner_grouped`, :func:`inner_vmapped`: task by task or all at once; :func:`reptile_update`); the
@@ -43,7 +42,6 @@ from fewshot_runner.errors import UserError
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 INNER_STATES = ("carry", "reset")
-#: ``inner_lr`` null: each inner optimizer's own rate (Adam's: the paper's Omniglot setting)
 DEFAULT_INNER_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
