@@ -46,6 +46,51 @@ def test_siamese_pair_logits_and_loss_equal_a_hand_computation():
     assert metrics["acc"].item() == pytest.approx(right / 5)
 
 
+def test_all_pairs_loss_equals_a_hand_computation_over_every_pair_of_each_batch():
+    """pairs=all: two class-grouped batches of 4 images; every unordered pair i < j within a batch is scored,
+    and the loss is half the mean cross-entropy of the same-class pairs plus half that of the others."""
+    net = make_siamese(pairs="all")
+    with torch.no_grad():
+        net.alpha.copy_(torch.tensor([0.5, -1.0, 2.0, -0.25]))
+        net.bias.fill_(0.3)
+    g = torch.Generator().manual_seed(2)
+    sx, qx = torch.randn(2, 2, D, generator=g, dtype=torch.float64), torch.randn(2, 2, D, generator=g, dtype=torch.float64)
+    sy, qy = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0, 1], [0, 0]])
+    loss, metrics = net.meta_loss(Episode(sx, sy, qx, qy, n_way=2))
+    alpha, pos, neg, right = [0.5, -1.0, 2.0, -0.25], [], [], 0
+    for t in range(2):
+        x, y = torch.cat([sx[t], qx[t]]), torch.cat([sy[t], qy[t]])
+        for i in range(4):
+            for j in range(i + 1, 4):
+                s = sum(alpha[d] * abs(x[i, d].item() - x[j, d].item()) for d in range(D)) + 0.3
+                p = 1 / (1 + math.exp(-s))
+                same = y[i].item() == y[j].item()
+                (pos if same else neg).append(-math.log(p) if same else -math.log(1 - p))
+                right += (p > 0.5) == same
+    assert (len(pos), len(neg)) == (2 + 3, 4 + 3)  # batch 0: classes 0,1,0,1; batch 1: 1,0,0,0
+    hand = 0.5 * sum(pos) / len(pos) + 0.5 * sum(neg) / len(neg)
+    assert loss.item() == pytest.approx(hand, rel=1e-12)
+    assert metrics["acc"].item() == pytest.approx(right / 12)
+
+
+def test_all_pairs_training_draws_class_grouped_episodes_and_sampled_pairs_draw_pairs():
+    from fewshot_runner.data.base import ClassSplit
+    from fewshot_runner.data.batches import PairSampler
+    from fewshot_runner.data.sampler import EpisodeSampler
+
+    split = ClassSplit.from_class_major("train", torch.zeros(6, 5, 1, 2, 2, dtype=torch.uint8), list("abcdef"))
+    source = make_siamese(pairs="all").batch_source(split, n_way=3, n_shot=1, n_query=2, seed=0)
+    assert isinstance(source.sampler, EpisodeSampler)
+    # train.meta_batch_size pairs' images (2 each) in whole 9-image episodes, at least one
+    assert [source.episodes(n) for n in (1, 4, 5, 9, 64)] == [1, 1, 1, 2, 14]
+    assert source.sample(9).query_x.shape == (2, 6, 1, 2, 2)
+    state = source.state_dict()
+    again = source.sample(9)
+    source.load_state_dict(state)
+    assert torch.equal(source.sample(9).support_y, again.support_y)
+    assert isinstance(make_siamese().batch_source(split, n_way=3, n_shot=1, n_query=2, seed=0), PairSampler)
+
+
 def test_siamese_embed_dim_adds_koch_fully_connected_sigmoid_layer():
     net = make_siamese(embed_dim=3)
     x = torch.randn(2, D, dtype=torch.float64)
@@ -100,6 +145,8 @@ def test_siamese_refuses_an_unknown_shot_score():
 
     with pytest.raises(UserError, match="algo.shot_score='median' is not one of max, mean"):
         SiameseNetwork(nn.Flatten(), n_way=3, feature_dim=D, shot_score="median")
+    with pytest.raises(UserError, match="algo.pairs='every' is not one of sampled, all"):
+        SiameseNetwork(nn.Flatten(), n_way=3, feature_dim=D, pairs="every")
 
 
 # ----------------------------------------------------------------------------- Koch's affine distortions
@@ -169,3 +216,25 @@ def test_siamese_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
     at_2 = at_kill["sampler"]["generator"]
     at_4 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]["generator"]
     assert not torch.equal(at_2, at_4)  # the source moved on: its state is what the comparison above checked
+
+
+ALL_PAIRS = [*RESUMABLE, "algo.pairs=all", "data.train_n_way=3", "data.train_n_shot=1", "data.train_n_query=1"]
+
+
+@pytest.fixture(scope="module")
+def unbroken_all_pairs(tmp_path_factory):
+    """`fewshot train algo=siamese algo.pairs=all debug=smoke`: 6 pairs' images = two 3-way episodes of 2 images."""
+    return smoke_train(tmp_path_factory.mktemp("siamese_all"), ALL_PAIRS)[0]
+
+
+def test_siamese_all_pairs_smoke_train_then_eval(unbroken_all_pairs, tmp_path):
+    rows = records(unbroken_all_pairs)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    state = torch.load(unbroken_all_pairs / "checkpoints" / "last.pt", weights_only=True)
+    assert state["config"]["algo"]["pairs"] == "all"
+    smoke_eval(unbroken_all_pairs, tmp_path, "eval.n_episodes=6")
+
+
+@pytest.mark.slow
+def test_siamese_all_pairs_killed_between_checkpoints_resumes_bitwise(unbroken_all_pairs, tmp_path):
+    kill_and_resume(ALL_PAIRS, unbroken_all_pairs, tmp_path)

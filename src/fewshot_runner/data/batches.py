@@ -3,6 +3,8 @@
 ``ClassBatchSampler``: class-labelled mini-batches over all classes of the split (Baseline and
 Baseline++ pre-training, a classifier head over the split's classes). ``PairSampler``: pairs of
 images, half from one class and half from two different classes (Siamese networks).
+``EpisodesByImages``: an ``EpisodeSampler`` whose ``sample(n)`` draws as many whole episodes as
+``n`` items' images hold (Siamese networks' all-pairs training: a batch of ``n`` pairs' images).
 
 Like ``EpisodeSampler``: all randomness from the source's own ``torch.Generator`` (seeded, so a
 seed gives the same batches; ``state_dict``/``load_state_dict`` to checkpoint it), ``sample(n)``
@@ -141,3 +143,35 @@ class PairSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+class EpisodesByImages:
+    """Episodes of ``sampler`` (an ``EpisodeSampler``) counted in images: ``sample(n)`` draws
+    ``max(1, (images_per_item * n) // episode_images)`` whole episodes, where ``episode_images`` is
+    n_way x (n_shot + n_query).  So ``n`` keeps meaning what it means for the learner's other source
+    (Siamese networks: ``n`` pairs, 2 images each), and switching sources keeps the images per step.
+    The state is the sampler's."""
+
+    def __init__(self, sampler, images_per_item: int) -> None:
+        self.sampler = sampler
+        self.images_per_item = images_per_item
+        self.episode_images = sampler.n_way * (sampler.n_shot + sampler.n_query)
+
+    def episodes(self, n: int) -> int:
+        """How many episodes ``sample(n)`` draws."""
+        return max(1, self.images_per_item * _check_n(n) // self.episode_images)
+
+    def draw(self, n: int) -> torch.Tensor:
+        return self.sampler.draw(self.episodes(n))
+
+    def gather(self, items: torch.Tensor):
+        return self.sampler.gather(items)
+
+    def sample(self, n: int):
+        return self.gather(self.draw(n))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -15,6 +15,10 @@ class SiameseConfig:
     _target_: str = "fewshot_runner.algorithms.siamese.SiameseNetwork"
     embed_dim: Optional[int] = None  # set: Koch's fully connected sigmoid layer of this width after the backbone
     shot_score: str = "max"  # K-shot: a class scores its most similar support image (max) or their mean probability
+    # training pairs: sampled (train.meta_batch_size pairs per step, half same-class) or all (the same number of
+    # images, 2 x train.meta_batch_size, as whole class-grouped batches of data.train_n_way x (train_n_shot +
+    # train_n_query) images, at least one, and every pair within a batch)
+    pairs: str = "sampled"
 
 
 @dataclass
