@@ -40,6 +40,16 @@ def test_evaluation_forwards_are_bounded_and_give_the_same_episodes_and_accuracy
     assert small == chunked == big and small["n_episodes"] == 120 and 0.0 < small["acc"] < 1.0
 
 
+def test_the_image_bound_shrinks_with_larger_images(monkeypatch):
+    """The bound holds for images up to 28 x 28; 56 x 56 images (4x the pixels) go 4x fewer at a time."""
+    monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 400)
+    for size, cap in ((8, 400), (28, 400), (56, 100)):
+        split = Synthetic(per_class=20, image_size=size, channels=1, seed=0).split("test")
+        learner = Recording()
+        evaluate(learner, split, 5, 1, 5, 40, seed=3, chunk=50, runtime=CPU)
+        assert max(learner.images) <= cap and max(learner.images) > cap - 30  # whole 30-image tasks up to the cap
+
+
 def test_one_task_over_the_cap_still_runs(monkeypatch):
     split = Synthetic(per_class=20, image_size=8, channels=1, seed=0).split("test")
     monkeypatch.setattr(evaluate_module, "EVAL_IMAGES_PER_FORWARD", 10)

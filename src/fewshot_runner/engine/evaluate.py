@@ -77,8 +77,17 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 # most this many images (and at most eval.chunk episodes).  A block of 50 20-way episodes at once (6,000
 # images, 1.2 GB per first-layer map) ran 3-5x slower on a 2-core CPU than groups of up to 2,400 images
 # (README, Results).  Neither bound changes the episodes (fixed_episodes draws them in blocks of its own),
-# and no learner's prediction couples the tasks of a batch, so neither changes a result.
+# and no learner's prediction couples the tasks of a batch, so neither changes a result.  The bound is for
+# images of up to 28 x 28 pixels and shrinks with larger ones in proportion to their pixels (84 x 84: 227
+# images, 1 GB per 64-channel map): 2,048 images of 84 x 84 took 17 GB, and the kernel killed the run.
 EVAL_IMAGES_PER_FORWARD = 2048
+EVAL_REFERENCE_PIXELS = 28 * 28
+
+
+def images_per_forward(x: torch.Tensor) -> int:
+    """The evaluation bound for images like ``x`` (..., H, W) (vectors: the plain bound)."""
+    pixels = x.shape[-2] * x.shape[-1] if x.dim() >= 4 else 1
+    return max(1, EVAL_IMAGES_PER_FORWARD * EVAL_REFERENCE_PIXELS // max(pixels, EVAL_REFERENCE_PIXELS))
 
 
 def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int,
@@ -101,7 +110,7 @@ def evaluate(algo, split: ClassSplit, n_way: int, n_shot: int, n_query: int, n_e
                 if transform is not None:
                     block = block.map_inputs(transform)
                 per_task = block.support_y.shape[1] + block.query_y.shape[1]
-                step = max(1, min(chunk, EVAL_IMAGES_PER_FORWARD // per_task))
+                step = max(1, min(chunk, images_per_forward(block.support_x) // per_task))
                 for start in range(0, block.n_tasks, step):
                     eps = block.tasks(start, start + step)
                     with runtime.autocast():
