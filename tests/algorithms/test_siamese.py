@@ -194,47 +194,33 @@ FAST = ["algo=siamese", "debug=smoke", "backbone.hidden=8", "device.threads=1", 
 RESUMABLE = [*FAST, *RESUMABLE_STEPS]
 
 
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory):
-    """`fewshot train algo=siamese debug=smoke` (4 steps of 6 pairs, affine distortions on), run once."""
-    return smoke_train(tmp_path_factory.mktemp("siamese"), RESUMABLE)[0]
+ALL_PAIRS = [*RESUMABLE, "algo.pairs=all", "data.train_n_way=3", "data.train_n_shot=1", "data.train_n_query=1"]
+RUNS = {"sampled": RESUMABLE, "all": ALL_PAIRS}  # (all: 6 pairs' images = two 3-way episodes of 2 images)
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def unbroken(request, tmp_path_factory):
+    """`fewshot train algo=siamese debug=smoke` (4 steps of 6 pairs, affine distortions on), and the same with
+    algo.pairs=all, each run once: (pairs, run dir, its arguments)."""
+    pairs = request.param
+    return pairs, smoke_train(tmp_path_factory.mktemp(f"siamese_{pairs}"), RUNS[pairs])[0], RUNS[pairs]
 
 
 def test_siamese_smoke_train_then_eval(unbroken, tmp_path):
-    rows = records(unbroken)
+    pairs, run, _ = unbroken
+    rows = records(run)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
-    config = json.loads(json.dumps(torch.load(unbroken / "checkpoints" / "last.pt", weights_only=True)["config"]))
-    assert config["data"]["augment"]["affine"] is True
-    smoke_eval(unbroken, tmp_path, "algo.shot_score=mean", "eval.n_episodes=6")
+    config = json.loads(json.dumps(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]))
+    assert config["data"]["augment"]["affine"] is True and config["algo"]["pairs"] == pairs
+    smoke_eval(run, tmp_path, "algo.shot_score=mean", "eval.n_episodes=6")
 
 
 @pytest.mark.slow
 def test_siamese_killed_between_checkpoints_resumes_bitwise(unbroken, tmp_path):
-    """The pair source's generator and the affine distortions' global RNG: killed in step 3 (last.pt at 2),
-    resumed with resume=auto, the run ends bitwise equal to an unbroken one."""
-    run, at_kill = kill_and_resume(RESUMABLE, unbroken, tmp_path)
+    """The batch source's generator (pairs or episodes) and the affine distortions' global RNG: killed in step 3
+    (last.pt at 2), resumed with resume=auto, the run ends bitwise equal to an unbroken one."""
+    _, run_dir, args = unbroken
+    run, at_kill = kill_and_resume(args, run_dir, tmp_path)
     at_2 = at_kill["sampler"]["generator"]
     at_4 = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["sampler"]["generator"]
     assert not torch.equal(at_2, at_4)  # the source moved on: its state is what the comparison above checked
-
-
-ALL_PAIRS = [*RESUMABLE, "algo.pairs=all", "data.train_n_way=3", "data.train_n_shot=1", "data.train_n_query=1"]
-
-
-@pytest.fixture(scope="module")
-def unbroken_all_pairs(tmp_path_factory):
-    """`fewshot train algo=siamese algo.pairs=all debug=smoke`: 6 pairs' images = two 3-way episodes of 2 images."""
-    return smoke_train(tmp_path_factory.mktemp("siamese_all"), ALL_PAIRS)[0]
-
-
-def test_siamese_all_pairs_smoke_train_then_eval(unbroken_all_pairs, tmp_path):
-    rows = records(unbroken_all_pairs)
-    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
-    state = torch.load(unbroken_all_pairs / "checkpoints" / "last.pt", weights_only=True)
-    assert state["config"]["algo"]["pairs"] == "all"
-    smoke_eval(unbroken_all_pairs, tmp_path, "eval.n_episodes=6")
-
-
-@pytest.mark.slow
-def test_siamese_all_pairs_killed_between_checkpoints_resumes_bitwise(unbroken_all_pairs, tmp_path):
-    kill_and_resume(ALL_PAIRS, unbroken_all_pairs, tmp_path)
