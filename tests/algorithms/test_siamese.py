@@ -182,6 +182,19 @@ def test_affine_augmentation_changes_training_images_and_is_off_at_evaluation():
     assert build_transforms(None, {"affine": False}) == (None, None)
 
 
+def test_the_lake_preset_is_the_readme_runs_command(compose_cfg):
+    """experiment=siamese_omniglot_lake composes to the overrides of the README's Siamese row."""
+    from omegaconf import OmegaConf
+
+    row = ["algo=siamese", "data=omniglot", "data.split_scheme=lake", "data.within_alphabet=true", "data.n_way=20",
+           "data.n_query=5", "algo.pairs=all", "data.image_size=56", "data.train_n_way=32", "data.train_n_shot=1",
+           "data.train_n_query=3", "train.meta_batch_size=64", "train.steps=4200", "train.val_every=600",
+           "train.val_episodes=200", "eval.n_episodes=1000"]
+    preset = OmegaConf.to_container(compose_cfg(["experiment=siamese_omniglot_lake"]))
+    assert preset == OmegaConf.to_container(compose_cfg(row))
+    assert preset["data"]["augment"]["affine"] is True
+
+
 def test_siamese_config_turns_the_affine_distortions_on(compose_cfg):
     cfg = compose_cfg(["algo=siamese", "debug=smoke"])
     assert cfg.data.augment.affine is True and cfg.algo._target_.endswith("SiameseNetwork")
