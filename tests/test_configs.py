@@ -42,9 +42,22 @@ def _selectors() -> dict[str, str]:
 SELECTORS = _selectors()
 
 
+def _own_protocol(name: str) -> bool:
+    """An experiment preset that sets its data set's own protocol (Omniglot's split scheme, within-alphabet
+    episodes): keys no other data set has, so it composes with its own data only."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").get("data") or {}
+    return bool({"split_scheme", "within_alphabet"} & set(data))
+
+
+OWN_PROTOCOL = {n for n in EXPERIMENTS if _own_protocol(n)}
+
+
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
 def test_config_composes_and_instantiates(compose_cfg, group, name, request, monkeypatch, tmp_path):
-    """Each file with synthetic data (generated: no files needed) unless the data file is the point;
+    """Each file with synthetic data (generated: no files needed) unless the data file is the point (or the
+    experiment preset sets its data set's own protocol, OWN_PROTOCOL);
     data=omniglot reads the real copy (and skips without one), the published image data sets and
     image_folder a tiny copy in their format written here (tests/tiny_copies.py).  The experiment presets'
     own Omniglot data: test_experiment_presets_instantiate_with_their_omniglot_data."""
@@ -52,7 +65,7 @@ def test_config_composes_and_instantiates(compose_cfg, group, name, request, mon
     if group in ("paper", "paper_net"):  # ALGO_DATA[_BACKBONE]: with its algorithm (its keys are that algorithm's)
         algos = [p.stem for p in (CONF / "algo").glob("*.yaml") if name.startswith(p.stem + "_")]
         overrides.append(f"algo={max(algos, key=len)}")
-    if group != "data":
+    if group != "data" and not (group == "experiment" and name in OWN_PROTOCOL):
         overrides.append("data=synthetic")
     elif name in TINY_COPIES:
         overrides += config_overrides(name, tmp_path)
