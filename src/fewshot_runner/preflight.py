@@ -27,6 +27,11 @@ def one_line(text: str) -> str:
         group, name, opts = m.group(1), m.group(2), m.group(3)
         choices = ", ".join(o.strip() for o in opts.split() if o.strip())
         return f"unknown {group}={name}; choose one of: {choices}"
+    m = re.search(r"In '(\w+)/(\w+)': ConfigKeyError.*?Key '[^']+' not in '([^']+)'.*?full_key: ([\w.]+)", text, re.S)
+    if m:  # a preset's key that the group chosen beside it lacks (experiment=siamese_omniglot_lake data=synthetic)
+        group, name, schema, key = m.groups()
+        return (f"{group}={name} sets {key}, which {schema} does not have (another {key.split('.')[0]}= was "
+                f"chosen beside it); use {group}={name} with its own {key.split('.')[0]}")
     m = re.search(r"Key '([^']+)' not in '([^']+)'.*?full_key: ([\w.]+)", text, re.S)
     if m:
         return f"unknown config key '{m.group(3)}'; check the spelling (`fewshot train --help` lists every key)"
