@@ -88,8 +88,6 @@ class SiameseNetwork(MetaLearner):
         if pairs not in PAIRS:
             raise UserError(f"algo.pairs={pairs!r} is not one of {', '.join(PAIRS)}: the training pairs (sampled: "
                             f"train.meta_batch_size pairs per step; all: every pair of a class-grouped batch)")
-        if pairs == "all" and n_way < 2:
-            raise UserError(f"algo.pairs=all needs at least 2 classes per training batch (data.train_n_way={n_way})")
         if shot_score not in SHOT_SCORES:
             raise UserError(f"algo.shot_score={shot_score!r} is not one of {', '.join(SHOT_SCORES)}: how a class "
                             f"scores from its K support images (max: the most similar one; mean: their mean)")
